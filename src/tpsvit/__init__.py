@@ -1,0 +1,38 @@
+"""tpsvit: Joint Token Pruning & Squeezing (TPS, CVPR 2023) and token-reduction baselines for timm ViTs."""
+
+from tpsvit.config import TPSConfig
+from tpsvit.errors import (
+    CheckpointError,
+    DatasetError,
+    InvalidArgumentError,
+    TPSError,
+    UnsupportedModelError,
+)
+from tpsvit.methods import METHODS
+from tpsvit.patch import ForwardState, forward_state, is_patched, patch, set_keep_rate, tracing, unpatch
+from tpsvit.squeeze import squeeze, squeeze_masked
+from tpsvit.trace import LocationTrace, Trace, restore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "CheckpointError",
+    "DatasetError",
+    "ForwardState",
+    "InvalidArgumentError",
+    "LocationTrace",
+    "TPSConfig",
+    "TPSError",
+    "Trace",
+    "UnsupportedModelError",
+    "forward_state",
+    "is_patched",
+    "patch",
+    "restore",
+    "set_keep_rate",
+    "squeeze",
+    "squeeze_masked",
+    "tracing",
+    "unpatch",
+]

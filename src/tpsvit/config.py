@@ -1,0 +1,163 @@
+"""The validated, readable configuration of a patch (``model.tps``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from tpsvit.errors import InvalidArgumentError
+from tpsvit.methods import SCORER_OVERRIDES, Method, get_method
+
+DEFAULT_LOCATIONS = (3, 6, 9)
+
+
+@dataclass(frozen=True)
+class TPSConfig:
+    """What :func:`tpsvit.patch` applied to a model.
+
+    Attributes:
+        method: registry name (``etps``, ``dtps``, ``evit``, ``dynamicvit``, ``tome``).
+        locations: 0-based block indices where tokens are reduced, ascending.
+        keep_rate: one keep rate per location, relative to the patch tokens alive there (kept = ceil(rate * n)).
+            ``None`` for ToMe with a fixed ``r``.
+        r: ToMe's tokens merged per location (one per location), or ``None``.
+        temperature: similarity temperature of the squeeze (TPS methods).
+        scorer: ``"default"`` or ``"random"`` (random scores, for robustness studies).
+        depth: number of blocks of the model.
+        num_prefix_tokens: class / distillation / register tokens, never reduced.
+    """
+
+    method: str
+    locations: tuple[int, ...]
+    keep_rate: tuple[float, ...] | None
+    r: tuple[int, ...] | None
+    temperature: float
+    scorer: str
+    depth: int
+    num_prefix_tokens: int
+
+    @property
+    def spec(self) -> Method:
+        """The registry entry of :attr:`method`."""
+        return get_method(self.method)
+
+    def reduction_at(self, block: int) -> dict | None:
+        """``{"keep_rate": ..., "r": ...}`` applied at ``block`` (one of them None), or None if it reduces nothing."""
+        if block not in self.locations:
+            return None
+        i = self.locations.index(block)
+        if self.r is not None:
+            return {"keep_rate": None, "r": self.r[i]}
+        return {"keep_rate": self.keep_rate[i], "r": None}
+
+    def patch_tokens_per_block(self, num_patches: int) -> list[tuple[int, int]]:
+        """For each block, (patch tokens seen by attention, patch tokens seen by the MLP) at inference.
+
+        Prefix tokens are not included. This is the analytic schedule used for GMACs and budgets; the runtime
+        computes the same counts from the real sequence.
+        """
+        out, n = [], num_patches
+        for block in range(self.depth):
+            reduction = self.reduction_at(block)
+            if reduction is not None and self.spec.placement == "before":
+                n = self.spec.tokens_after(n, **reduction)
+            n_attn = n
+            if reduction is not None and self.spec.placement == "inside":
+                n = self.spec.tokens_after(n, **reduction)
+            out.append((n_attn, n))
+        return out
+
+    def with_keep_rate(self, keep_rate) -> TPSConfig:
+        """A copy with new keep rates (validated), e.g. to anneal the keep rate while fine-tuning."""
+        rates = _validate_keep_rate(keep_rate, self.locations)
+        return replace(self, keep_rate=rates, r=None)
+
+    def __str__(self) -> str:
+        amounts = (f"keep_rate={list(self.keep_rate)}" if self.keep_rate is not None else f"r={list(self.r)}")
+        extra = f", scorer={self.scorer}" if self.scorer != "default" else ""
+        return f"{self.method} at blocks {list(self.locations)}, {amounts}, temperature={self.temperature}{extra}"
+
+
+def make_config(
+    method: str,
+    depth: int,
+    num_prefix_tokens: int,
+    keep_rate=0.7,
+    locations: Sequence[int] | None = DEFAULT_LOCATIONS,
+    r=None,
+    temperature: float = 1.0,
+    scorer: str = "default",
+) -> TPSConfig:
+    """Validate user arguments into a :class:`TPSConfig`, with errors that say what is allowed."""
+    spec = get_method(method)
+    if locations is None:
+        locations = ()
+    if isinstance(locations, int):
+        locations = (locations,)
+    if r is not None:
+        if spec.reducer != "merge":
+            raise InvalidArgumentError(f"r={r!r} is ToMe's option; method {spec.name!r} takes keep_rate")
+        if locations == DEFAULT_LOCATIONS:
+            locations = tuple(range(depth))  # ToMe's usual: merge r tokens in every block
+    locs = _validate_locations(locations, depth)
+    rates, rs = None, None
+    if r is not None:
+        rs = _validate_r(r, locs)
+    else:
+        rates = _validate_keep_rate(keep_rate, locs)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise InvalidArgumentError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if scorer not in SCORER_OVERRIDES:
+        raise InvalidArgumentError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORER_OVERRIDES)}")
+    if scorer == "random" and spec.reducer == "merge":
+        raise InvalidArgumentError("scorer='random' is not defined for ToMe (its matching is its scorer)")
+    return TPSConfig(spec.name, locs, rates, rs, float(temperature), scorer, depth, num_prefix_tokens)
+
+
+def _validate_locations(locations, depth: int) -> tuple[int, ...]:
+    try:
+        locs = tuple(locations)
+    except TypeError:
+        raise InvalidArgumentError(f"locations must be a sequence of block indices, got {locations!r}") from None
+    for loc in locs:
+        if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < depth:
+            raise InvalidArgumentError(
+                f"location {loc!r} is not a block of this model; allowed: integers 0..{depth - 1}"
+            )
+    if len(set(locs)) != len(locs):
+        raise InvalidArgumentError(f"locations must not repeat, got {list(locs)}")
+    if list(locs) != sorted(locs):
+        raise InvalidArgumentError(f"locations must be ascending, got {list(locs)}")
+    return locs
+
+
+def _validate_keep_rate(keep_rate, locs: tuple[int, ...]) -> tuple[float, ...]:
+    if isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool):
+        rates = (float(keep_rate),) * len(locs)
+    else:
+        try:
+            rates = tuple(keep_rate)
+        except TypeError:
+            raise InvalidArgumentError(f"keep_rate must be a number or a list of numbers, got {keep_rate!r}") from None
+        if len(rates) != len(locs):
+            raise InvalidArgumentError(
+                f"keep_rate has {len(rates)} values but there are {len(locs)} locations {list(locs)}; "
+                "give one value, or one per location"
+            )
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0 < rate <= 1):
+            raise InvalidArgumentError(f"keep_rate {rate!r} is outside (0, 1]; allowed: 0 < keep_rate <= 1")
+    return tuple(float(x) for x in rates)
+
+
+def _validate_r(r, locs: tuple[int, ...]) -> tuple[int, ...]:
+    rs = (r,) * len(locs) if isinstance(r, int) and not isinstance(r, bool) else tuple(r)
+    if len(rs) != len(locs):
+        raise InvalidArgumentError(f"r has {len(rs)} values but there are {len(locs)} locations {list(locs)}")
+    for value in rs:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgumentError(f"ToMe's r must be an integer >= 0, got {value!r}")
+    return rs

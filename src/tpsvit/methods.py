@@ -1,0 +1,95 @@
+"""The method registry: every token-reduction method is a scorer, a reducer and a placement.
+
+Adding a method is adding an entry to :data:`METHODS`; the patch code reads only these fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tpsvit.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one token-reduction method scores, reduces and where it acts.
+
+    Attributes:
+        name: registry key.
+        scorer: ``"cls_attention"`` (class-token attention of the block), ``"predictor"`` (learned, between blocks)
+            or ``"matching"`` (ToMe's bipartite matching on keys, which scores and pairs at once).
+        reducer: ``"squeeze"`` (TPS), ``"drop"``, ``"fuse_one"`` (EViT) or ``"merge"`` (ToMe).
+        placement: ``"inside"`` (after attention, before the MLP) or ``"before"`` (before the block).
+        summary: one line for tables and ``--help``.
+    """
+
+    name: str
+    scorer: str
+    reducer: str
+    placement: str
+    summary: str
+
+    @property
+    def learned(self) -> bool:
+        """True when the scorer has weights that must be trained (dTPS, DynamicViT)."""
+        return self.scorer == "predictor"
+
+    @property
+    def needs_class_token(self) -> bool:
+        """True when the scorer reads the class token's attention row."""
+        return self.scorer == "cls_attention"
+
+    def tokens_after(self, n: int, keep_rate: float | None = None, r: int | None = None) -> int:
+        """Patch tokens left after this method reduces ``n`` patch tokens with a keep rate (or ToMe's ``r``).
+
+        Mirrors the runtime exactly, so GMACs and budgets can be computed analytically.
+        """
+        if self.reducer == "merge":
+            return n - tome_merge_count(n, keep_rate=keep_rate, r=r)
+        kept = keep_count(n, keep_rate)
+        extra = 1 if self.reducer == "fuse_one" and kept < n else 0
+        return kept + extra
+
+
+def keep_count(n: int, keep_rate: float) -> int:
+    """``ceil(keep_rate * n)`` patch tokens kept, at least one (robust to float round-off such as 0.7 * 10)."""
+    if n <= 0:
+        return n
+    return max(1, min(n, math.ceil(keep_rate * n - 1e-9)))
+
+
+def tome_merge_count(n: int, keep_rate: float | None = None, r: int | None = None) -> int:
+    """Tokens ToMe merges at one block: ``r`` when given, else ``n - keep_count(n, keep_rate)``.
+
+    Bipartite matching can merge at most the smaller side of the split (every second token), so r is capped there.
+    """
+    if r is None:
+        r = n - keep_count(n, keep_rate)
+    return max(0, min(r, n // 2))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("etps", "cls_attention", "squeeze", "inside",
+               "TPS, intra-block: class-attention pruning + squeezing into hosts (no training needed)"),
+        Method("dtps", "predictor", "squeeze", "before",
+               "TPS, inter-block: learned predictor pruning + squeezing into hosts (needs fine-tuning)"),
+        Method("evit", "cls_attention", "fuse_one", "inside",
+               "EViT: class-attention pruning, pruned tokens fused into one extra token"),
+        Method("dynamicvit", "predictor", "drop", "before",
+               "DynamicViT: learned predictor pruning, pruned tokens dropped (needs fine-tuning)"),
+        Method("tome", "matching", "merge", "inside",
+               "ToMe: bipartite soft matching on keys, size-weighted merging, proportional attention"),
+    )
+}
+
+SCORER_OVERRIDES = ("default", "random")
+
+
+def get_method(name: str) -> Method:
+    """Look a method up by name, with an error that lists the allowed names."""
+    if not isinstance(name, str) or name.lower() not in METHODS:
+        raise InvalidArgumentError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[name.lower()]

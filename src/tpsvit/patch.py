@@ -1,0 +1,435 @@
+"""timm integration: patch a VisionTransformer in place with any registered method, and undo it.
+
+The model's class and each block's class are swapped for thin subclasses (never copies of timm's code): the block
+subclass reduces tokens before its attention or between its attention and MLP; everything else (LayerScale, q/k norm,
+drop-path, prefix tokens, fused attention) is timm's own. Per-forward state (keep masks, ToMe sizes, the trace) lives
+on a small runtime object shared by the model and its blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tpsvit.config import DEFAULT_LOCATIONS, TPSConfig, make_config
+from tpsvit.errors import UnsupportedModelError
+from tpsvit.methods import keep_count, tome_merge_count
+from tpsvit.reducers import Reduction, bipartite_merge, drop_reduce, fuse_one_reduce, squeeze_reduce
+from tpsvit.scoring import (
+    TokenPredictor,
+    class_attention,
+    gumbel_keep,
+    mean_keys,
+    random_scores,
+    split_qkv,
+    top_k_mask,
+    top_k_split,
+)
+from tpsvit.squeeze import squeeze_masked
+from tpsvit.trace import LocationTrace, Trace
+
+PREDICTORS = "tps_predictors"  # state_dict prefix of the learned predictors (dTPS, DynamicViT)
+
+
+@dataclass
+class ForwardState:
+    """What one forward pass of a patched model carries from block to block (read it with :func:`forward_state`).
+
+    Attributes:
+        masked: True on the full-length training path (learned methods in train mode): tokens are masked, not removed.
+        policy: (B, N_tokens) keep mask incl. prefix tokens on the masked path, else None.
+        decisions: per location, the (B, N_patches) keep mask after it (masked path; straight-through gradients).
+        size: (B, N_tokens, 1) original tokens each token stands for (ToMe), else None.
+        positions: (B, N_patch_tokens) original grid index of each current patch token (-1: EViT's fused token)
+            on the gather path, None before the first reduction.
+    """
+
+    masked: bool
+    policy: Tensor | None = None
+    decisions: list[Tensor] = field(default_factory=list)
+    size: Tensor | None = None
+    positions: Tensor | None = None
+
+
+class _Runtime:
+    """Shared by a patched model and its blocks: the config, the learned predictors and the current forward state."""
+
+    def __init__(self, config: TPSConfig, grid_size):
+        self.config = config
+        self.grid_size = grid_size
+        self.state: ForwardState | None = None
+        self.trace: Trace | None = None
+        self.force_masked = False  # tests: run the masked path with top-k decisions in eval mode
+
+    def begin(self, model: nn.Module) -> None:
+        masked = self.force_masked or (self.config.spec.learned and model.training)
+        self.state = ForwardState(masked=masked)
+        if self.trace is not None:
+            self.trace.reset(self.config.method, self.config.num_prefix_tokens, self.grid_size)
+
+
+# --------------------------------------------------------------------------------------------------- block mixin
+
+
+class _TPSBlock:
+    """Mixed into a timm ``Block``: reduce tokens at this block's location, else behave exactly as the block."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        runtime: _Runtime = self._tps_runtime
+        if runtime.state is None:
+            runtime.begin(self)
+        placement = self._tps_placement
+        if placement == "before":
+            x = _reduce(self, x, runtime)
+        x = x + self.drop_path1(self.ls1(_attend(self.attn, self.norm1(x), runtime.state, attn_mask, is_causal)))
+        if placement == "inside":
+            x = _reduce(self, x, runtime)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _capture_qkv(module: nn.Module, args, output: Tensor) -> None:
+    module._tps_qkv = output  # read (and released) by _reduce of the same block
+
+
+def _attend(attn: nn.Module, x: Tensor, state: ForwardState, attn_mask, is_causal) -> Tensor:
+    if (attn_mask is not None or is_causal) and (state.policy is not None or state.size is not None):
+        raise ValueError("attn_mask / is_causal are not supported by a patched model once tokens are reduced")
+    if state.policy is not None:
+        return masked_attention(attn, x, state.policy)
+    if state.size is not None:
+        return attn(x, attn_mask=_size_bias(state.size, x.dtype))
+    return attn(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """ToMe's proportional attention: log(size) added to every key's logit, (B, 1, 1, N)."""
+    return size.log().to(dtype)[:, None, None, :, 0]
+
+
+def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor) -> Tensor:
+    """timm ``Attention`` where each query sees only kept tokens and itself (DynamicViT's masked softmax).
+
+    ``policy`` (B, N) is multiplied into the exponentiated logits, so straight-through gradients reach the keep
+    decisions. Used on the full-length training path only; inference keeps timm's fused attention.
+    """
+    batch, tokens, _ = x.shape
+    q, k, v = split_qkv(attn, attn.qkv(x))
+    logits = ((q * attn.scale) @ k.transpose(-2, -1)).float()  # (B, H, N, N)
+    allowed = policy.float()[:, None, None, :]
+    eye = torch.eye(tokens, device=x.device, dtype=allowed.dtype)
+    allowed = allowed + (1.0 - allowed) * eye  # a query always sees itself
+    peak = logits.masked_fill(allowed <= 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    weights = torch.exp(logits - peak) * allowed
+    weights = attn.attn_drop((weights / weights.sum(dim=-1, keepdim=True)).to(v.dtype))
+    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+# ----------------------------------------------------------------------------------------------- reduction step
+
+
+def _reduce(block: nn.Module, x: Tensor, runtime: _Runtime) -> Tensor:
+    config, state = runtime.config, runtime.state
+    qkv = block.attn.qkv.__dict__.pop("_tps_qkv", None)
+    reduction = config.reduction_at(block._tps_index)
+    if reduction is None:
+        return x
+    if state.masked:
+        return _reduce_masked(block, x, runtime, reduction)
+    prefix_len = config.num_prefix_tokens
+    prefix, patches = x[:, :prefix_len], x[:, prefix_len:]
+    batch, n = patches.shape[:2]
+    spec = config.spec
+    scores = None
+    if spec.reducer == "merge":
+        r = tome_merge_count(n, **reduction)
+        if r == 0:
+            return x
+        size = state.size[:, prefix_len:] if state.size is not None else None
+        result = bipartite_merge(patches, mean_keys(block.attn, qkv)[:, prefix_len:], size, r)
+        state.size = torch.cat([x.new_ones(batch, prefix_len, 1), result.size], dim=1)
+    else:
+        k = keep_count(n, reduction["keep_rate"])
+        if k >= n:
+            return x
+        scores = _scores(block, patches, qkv, state, runtime)
+        kept, pruned = top_k_split(scores, k)
+        if spec.reducer == "squeeze":
+            result = squeeze_reduce(patches, kept, pruned, config.temperature)
+        elif spec.reducer == "drop":
+            result = drop_reduce(patches, kept, pruned)
+        else:
+            result = fuse_one_reduce(patches, kept, pruned, scores)
+    _track(block, state, runtime, result, scores, n)
+    return torch.cat([prefix, result.tokens], dim=1)
+
+
+def _scores(block: nn.Module, patches: Tensor, qkv: Tensor | None, state: ForwardState, runtime: _Runtime) -> Tensor:
+    config = runtime.config
+    if config.scorer == "random":
+        return random_scores(patches.shape[:2], patches.device)
+    if config.spec.scorer == "predictor":
+        return block._tps_predictor(patches)[..., 0]
+    bias = _size_bias(state.size, qkv.dtype) if state.size is not None else None
+    return class_attention(block.attn, qkv, config.num_prefix_tokens, bias)
+
+
+def _track(block, state: ForwardState, runtime: _Runtime, result: Reduction, scores, n: int) -> None:
+    """Carry grid positions forward and, when tracing, record the step."""
+    positions = state.positions
+    if positions is None:
+        positions = torch.arange(n, device=result.kept.device).expand(result.kept.shape[0], -1)
+    new_positions = positions.gather(1, result.kept)
+    if result.extra:
+        new_positions = torch.cat([new_positions, new_positions.new_full((new_positions.shape[0], result.extra), -1)], 1)
+    state.positions = new_positions
+    trace = runtime.trace
+    if trace is not None:
+        if not trace.locations:
+            trace.num_patches = n
+        trace.locations.append(
+            LocationTrace(
+                block=block._tps_index,
+                positions=positions.detach(),
+                kept=result.kept.detach(),
+                pruned=result.pruned.detach(),
+                host=result.host.detach(),
+                num_out=result.tokens.shape[1],
+                scores=None if scores is None else scores.detach().float(),
+            )
+        )
+
+
+def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: dict) -> Tensor:
+    """Full-length path: decide keep masks (Gumbel in training, else top-k), squeeze by mask, carry the policy."""
+    config, state = runtime.config, runtime.state
+    prefix_len = config.num_prefix_tokens
+    prefix, patches = x[:, :prefix_len], x[:, prefix_len:]
+    batch, n = patches.shape[:2]
+    prev = state.policy[:, prefix_len:] if state.policy is not None else patches.new_ones(batch, n)
+    if config.scorer == "random":
+        keep = top_k_mask(random_scores((batch, n), x.device), prev, reduction["keep_rate"])
+    else:
+        log_probs = block._tps_predictor(patches, prev)
+        if block.training and not runtime.force_masked:
+            keep = gumbel_keep(log_probs, prev)
+        else:
+            keep = top_k_mask(log_probs[..., 0], prev, reduction["keep_rate"])
+    if config.spec.reducer == "squeeze":
+        patches = squeeze_masked(patches, keep, prev, config.temperature)
+    state.policy = torch.cat([keep.new_ones(batch, prefix_len), keep], dim=1)
+    state.decisions.append(keep)
+    return torch.cat([prefix, patches], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------- model mixin
+
+
+class _TPSModel:
+    """Mixed into a timm ``VisionTransformer``: starts a fresh forward state per pass; exposes ``model.tps``."""
+
+    @property
+    def tps(self) -> TPSConfig:
+        """The validated configuration of the patch."""
+        return self._tps_runtime.config
+
+    def forward_features(self, *args, **kwargs):
+        self._tps_runtime.begin(self)
+        return super().forward_features(*args, **kwargs)
+
+    def forward_intermediates(self, *args, **kwargs):
+        self._tps_runtime.begin(self)
+        return super().forward_intermediates(*args, **kwargs)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        state = self._tps_runtime.state
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if state is not None and state.policy is not None and pool_type == "avg" and self.attn_pool is None:
+            keep = state.policy[:, self.num_prefix_tokens :, None].to(x.dtype)
+            return (x[:, self.num_prefix_tokens :] * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+        if state is not None and state.policy is not None and pool_type not in ("token", "avg", ""):
+            raise ValueError(f"pooling {pool_type!r} is not supported on the masked training path; use 'token' or 'avg'")
+        return super().pool(x, pool_type)
+
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def _subclass(base: type, mixin: type) -> type:
+    key = (base, mixin)
+    if key not in _CLASS_CACHE:
+        cls = type(f"TPS{base.__name__}", (mixin, base), {"_tps_base": base})
+        cls.__module__ = __name__
+        _CLASS_CACHE[key] = cls
+    return _CLASS_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------------- public API
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``model`` is currently patched by tpsvit."""
+    return isinstance(model, _TPSModel)
+
+
+def patch(
+    model: nn.Module,
+    method: str = "etps",
+    keep_rate=0.7,
+    locations=DEFAULT_LOCATIONS,
+    *,
+    r=None,
+    temperature: float = 1.0,
+    scorer: str = "default",
+) -> nn.Module:
+    """Patch a timm VisionTransformer in place with a token-reduction method; returns the model.
+
+    Args:
+        model: a timm ``VisionTransformer`` (DeiT, ViT, DeiT-III, distilled DeiT, register-token ViTs, ...).
+        method: ``"etps"``, ``"dtps"`` (TPS) or a baseline: ``"evit"``, ``"dynamicvit"``, ``"tome"``.
+        keep_rate: keep rate in (0, 1], one for all locations or one per location, relative to the patch tokens
+            alive at that location (kept = ceil(keep_rate * n)).
+        locations: 0-based block indices where tokens are reduced (paper: 3, 6, 9).
+        r: ToMe only: tokens merged per location instead of a keep rate; with the default locations, ToMe's usual
+            "r in every block".
+        temperature: similarity temperature of the squeeze (etps, dtps).
+        scorer: ``"random"`` replaces the method's scorer by random scores (robustness studies).
+
+    Re-patching a patched model unpatches it first; learned predictors at locations that stay are kept.
+    """
+    _check_model(model)
+    previous = getattr(model, PREDICTORS, None) if is_patched(model) else None
+    unpatch(model)
+    config = make_config(
+        method, len(model.blocks), int(model.num_prefix_tokens), keep_rate, locations, r, temperature, scorer
+    )
+    if config.spec.needs_class_token and getattr(model, "cls_token", None) is None:
+        raise UnsupportedModelError(
+            f"method {config.method!r} scores tokens by class-token attention, but this model has no class token; "
+            "use 'dtps', 'dynamicvit' or 'tome'"
+        )
+    runtime = _Runtime(config, _grid_size(model))
+    predictors = _make_predictors(model, config, previous)
+    model.__class__ = _subclass(type(model), _TPSModel)
+    model._tps_runtime = runtime
+    if predictors is not None:
+        setattr(model, PREDICTORS, predictors)
+    captures = config.spec.scorer in ("cls_attention", "matching") and config.scorer == "default"
+    for index, block in enumerate(model.blocks):
+        block.__class__ = _subclass(type(block), _TPSBlock)
+        block._tps_runtime = runtime
+        block._tps_index = index
+        block._tps_placement = config.spec.placement if index in config.locations else None
+        if predictors is not None and index in config.locations:
+            object.__setattr__(block, "_tps_predictor", predictors[str(index)])  # not registered: no duplicate keys
+        if captures and index in config.locations:
+            block.attn.qkv.register_forward_hook(_capture_qkv)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the stock timm model in place (classes, state_dict keys); learned predictors are removed."""
+    if not is_patched(model):
+        return model
+    for block in model.blocks:
+        block.__class__ = block._tps_base
+        for name in ("_tps_runtime", "_tps_index", "_tps_placement", "_tps_predictor"):
+            block.__dict__.pop(name, None)
+        hooks = block.attn.qkv._forward_hooks
+        for key in [k for k, fn in hooks.items() if fn is _capture_qkv]:
+            del hooks[key]
+        block.attn.qkv.__dict__.pop("_tps_qkv", None)
+    if PREDICTORS in model._modules:
+        del model._modules[PREDICTORS]
+    del model._tps_runtime
+    model.__class__ = model._tps_base
+    return model
+
+
+def set_keep_rate(model: nn.Module, keep_rate) -> TPSConfig:
+    """Change the keep rates of a patched model without touching its weights (e.g. to anneal while fine-tuning)."""
+    runtime = _runtime(model)
+    runtime.config = runtime.config.with_keep_rate(keep_rate)
+    return runtime.config
+
+
+def forward_state(model: nn.Module) -> ForwardState:
+    """The :class:`ForwardState` of the last forward pass of a patched model (keep decisions, positions, sizes)."""
+    state = _runtime(model).state
+    if state is None:
+        raise ValueError("the patched model has not run a forward pass yet")
+    return state
+
+
+@contextmanager
+def tracing(model: nn.Module) -> Iterator[Trace]:
+    """Record what the patched model does to its tokens; the yielded :class:`Trace` holds the last forward pass.
+
+    >>> with tpsvit.tracing(model) as trace:
+    ...     model(images)
+    >>> trace.locations[0].kept, trace.locations[0].host
+    """
+    runtime = _runtime(model)
+    trace = Trace()
+    runtime.trace = trace
+    try:
+        yield trace
+    finally:
+        runtime.trace = None
+
+
+def _runtime(model: nn.Module) -> _Runtime:
+    if not is_patched(model):
+        raise ValueError("this model is not patched; call tpsvit.patch(model, ...) first")
+    return model._tps_runtime
+
+
+def _grid_size(model: nn.Module):
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return tuple(int(g) for g in grid) if grid is not None else None
+
+
+def _make_predictors(model: nn.Module, config: TPSConfig, previous: nn.ModuleDict | None) -> nn.ModuleDict | None:
+    if not config.spec.learned:
+        return None
+    dim = int(model.embed_dim)
+    reference = next(model.parameters())
+    predictors = nn.ModuleDict()
+    for loc in config.locations:
+        old = previous[str(loc)] if previous is not None and str(loc) in previous else None
+        predictors[str(loc)] = old if old is not None else TokenPredictor(dim).to(reference.device, reference.dtype)
+    return predictors
+
+
+def _check_model(model) -> None:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer (ViT, DeiT, DeiT-III, distilled DeiT, "
+            "register-token ViTs); tpsvit cannot patch it"
+        )
+    for index, block in enumerate(model.blocks):
+        base = getattr(type(block), "_tps_base", type(block))
+        if not issubclass(base, Block) or base.forward is not Block.forward:
+            raise UnsupportedModelError(
+                f"block {index} is a {base.__name__}; tpsvit supports timm's pre-norm Block (not parallel or "
+                "post-norm blocks)"
+            )
+        if not isinstance(block.attn, Attention):
+            raise UnsupportedModelError(
+                f"block {index} uses {type(block.attn).__name__}; tpsvit supports timm's Attention (no RoPE variants)"
+            )

@@ -1,0 +1,96 @@
+"""Scorers: which patch tokens matter. Higher score = more important."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tpsvit.methods import keep_count
+
+
+def split_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Split the output of a timm ``Attention.qkv`` (B, N, 3 * H * D) into normalised q, k and v of (B, H, N, D)."""
+    batch, tokens, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def class_attention(attn: nn.Module, qkv: Tensor, num_prefix: int, bias: Tensor | None = None) -> Tensor:
+    """Attention the class token pays each patch token, averaged over heads: (B, N_patch), in float32.
+
+    Only the class token's row is computed (``q_cls @ K^T``, O(N)), so the block itself keeps fused attention.
+    ``bias`` is the additive attention bias the block used (or None).
+    """
+    batch, tokens, _ = qkv.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    parts = qkv.reshape(batch, tokens, 3, heads, dim)
+    q_cls = attn.q_norm(parts[:, :1, 0].transpose(1, 2))  # (B, H, 1, D)
+    keys = attn.k_norm(parts[:, :, 1].transpose(1, 2))  # (B, H, N, D)
+    logits = (q_cls.float() * attn.scale) @ keys.float().transpose(-2, -1)  # (B, H, 1, N)
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
+
+
+def mean_keys(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """Keys averaged over heads (B, N, D): ToMe's similarity metric."""
+    return split_qkv(attn, qkv)[1].mean(dim=1)
+
+
+class TokenPredictor(nn.Module):
+    """The DynamicViT / dTPS keep predictor: local features plus a keep-weighted global feature -> (keep, drop) log-probs.
+
+    LayerNorm, Linear(C, C), GELU; the first half of the channels stays per token, the second half is averaged over
+    the tokens still kept; then C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax. Output index 0 is "keep".
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim < 4:
+            raise ValueError(f"the token predictor needs an embedding dim >= 4, got {dim}")
+        self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.head = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(),
+            nn.Linear(dim // 2, dim // 4), nn.GELU(),
+            nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1),
+        )  # fmt: skip
+
+    def forward(self, tokens: Tensor, keep: Tensor | None = None) -> Tensor:
+        """tokens (B, N, C) patch tokens; keep (B, N) current keep mask or None (all kept) -> (B, N, 2) log-probs."""
+        hidden = self.embed(tokens)
+        half = hidden.shape[-1] // 2
+        local, glob = hidden[..., :half], hidden[..., half:]
+        if keep is None:
+            glob = glob.mean(dim=1, keepdim=True)
+        else:
+            weight = keep.unsqueeze(-1).to(glob.dtype)
+            glob = (glob * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        return self.head(torch.cat([local, glob.expand(-1, local.shape[1], -1)], dim=-1))
+
+
+def gumbel_keep(log_probs: Tensor, prev_keep: Tensor) -> Tensor:
+    """Training decisions: a hard Gumbel-softmax sample with a straight-through gradient, times the previous mask."""
+    return F.gumbel_softmax(log_probs, hard=True)[..., 0] * prev_keep
+
+
+def random_scores(shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
+    """Uniform random scores, for the robustness study (a scorer that knows nothing)."""
+    return torch.rand(shape, device=device)
+
+
+def top_k_split(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Indices of the ``k`` highest scores and of the rest, each sorted ascending (spatial order kept)."""
+    order = scores.argsort(dim=1, descending=True)
+    return order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
+
+
+def top_k_mask(scores: Tensor, alive: Tensor, keep_rate: float) -> Tensor:
+    """Masked-path decisions without sampling: per image, keep ceil(rate * alive) of the alive tokens by score."""
+    counts = alive.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("top-k decisions on the masked path need the same number of alive tokens in every image")
+    k = keep_count(int(counts[0].item()), keep_rate)
+    ranked = scores.float().masked_fill(alive <= 0, float("-inf"))
+    keep_idx, _ = top_k_split(ranked, k)
+    return torch.zeros_like(alive).scatter(1, keep_idx, 1.0)

@@ -1,0 +1,101 @@
+"""What a patched model did to its tokens: per location, kept / pruned tokens and each pruned token's host.
+
+Record with :func:`tpsvit.tracing`; map back to the full patch grid with :meth:`Trace.assignment` and :func:`restore`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LocationTrace:
+    """One reduction step of one forward pass (indices refer to the patch tokens entering the step).
+
+    Attributes:
+        block: 0-based block index.
+        positions: (B, N_in) original grid index of each patch token entering, -1 for tokens with no grid cell
+            (EViT's fused token).
+        kept: (B, K) indices of the tokens that survive as themselves; output token i is ``kept[:, i]``.
+        pruned: (B, P) indices of the tokens removed here.
+        host: (B, P) output index of the token each removed token was squeezed / merged / fused into; -1 if dropped.
+        num_out: patch tokens leaving the step.
+        scores: (B, N_in) importance scores where the method has them (higher = more important), else None.
+    """
+
+    block: int
+    positions: Tensor
+    kept: Tensor
+    pruned: Tensor
+    host: Tensor
+    num_out: int
+    scores: Tensor | None = None
+
+    def output_index(self) -> Tensor:
+        """(B, N_in): for each entering token, the output token it became or went into (-1 if dropped)."""
+        out = torch.full_like(self.positions, -1)
+        batch = self.kept.shape[0]
+        out.scatter_(1, self.kept, torch.arange(self.kept.shape[1], device=out.device).expand(batch, -1))
+        return out.scatter(1, self.pruned, self.host)
+
+
+@dataclass
+class Trace:
+    """The reduction steps of the last forward pass of a patched model (see :func:`tpsvit.tracing`)."""
+
+    method: str = ""
+    num_prefix: int = 0
+    num_patches: int = 0
+    grid_size: tuple[int, int] | None = None
+    locations: list[LocationTrace] = field(default_factory=list)
+
+    def reset(self, method: str, num_prefix: int, grid_size: tuple[int, int] | None) -> None:
+        """Forget the previous forward pass."""
+        self.method, self.num_prefix, self.grid_size = method, num_prefix, grid_size
+        self.num_patches = 0
+        self.locations = []
+
+    def assignment(self, upto: int | None = None) -> Tensor:
+        """(B, num_patches): the token each original patch ended up in after ``upto`` locations (default: all).
+
+        Token indices count patch tokens only (prefix tokens excluded); -1 marks a patch whose token was dropped.
+        """
+        if not self.locations:
+            raise ValueError("the trace is empty: run a forward pass of the patched model inside tpsvit.tracing()")
+        steps = self.locations if upto is None else self.locations[:upto]
+        first = self.locations[0]
+        assign = torch.arange(self.num_patches, device=first.kept.device).expand(first.kept.shape[0], -1)
+        for step in steps:
+            mapped = step.output_index().gather(1, assign.clamp(min=0))
+            assign = torch.where(assign >= 0, mapped, assign)
+        return assign
+
+
+def restore(tokens: Tensor, trace: Trace) -> tuple[Tensor, Tensor]:
+    """Rebuild the full patch grid from the final tokens of a traced forward pass.
+
+    Args:
+        tokens: (B, num_prefix + N_final, C), e.g. ``model.forward_features(x)`` of the traced pass.
+        trace: the :class:`Trace` recorded for that pass.
+
+    Returns:
+        ``(prefix, grid)``: prefix tokens (B, num_prefix, C) and (B, num_patches, C) where every patch takes the
+        feature of the token it survives as or was absorbed into (following hosts through all locations); patches
+        dropped outright (DynamicViT) are zeros.
+    """
+    prefix, patches = tokens[:, : trace.num_prefix], tokens[:, trace.num_prefix :]
+    if not trace.locations:
+        return prefix, patches
+    expected = trace.locations[-1].num_out
+    if patches.shape[1] != expected:
+        raise ValueError(
+            f"tokens hold {patches.shape[1]} patch tokens but the trace ends with {expected}; pass the tokens of "
+            "the same forward pass that was traced"
+        )
+    assign = trace.assignment()
+    index = assign.clamp(min=0).unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+    grid = patches.gather(1, index) * (assign >= 0).unsqueeze(-1).to(patches.dtype)
+    return prefix, grid
