@@ -29,7 +29,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         if only is not None and name != only:
-            sub.add_parser(name, help="(run `tpsvit %s --help`)" % name, add_help=False)
+            sub.add_parser(name, help=f"(run `tpsvit {name} --help`)", add_help=False)
             continue
         try:
             module = _load(name)
