@@ -1,5 +1,6 @@
 """tpsvit: Joint Token Pruning & Squeezing (TPS, CVPR 2023) and token-reduction baselines for timm ViTs."""
 
+import tpsvit.models  # noqa: F401  (registers the demo ViTs with timm)
 from tpsvit.config import TPSConfig
 from tpsvit.errors import (
     CheckpointError,
