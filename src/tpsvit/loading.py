@@ -1,0 +1,172 @@
+"""Build models from timm names and load / save weights (safetensors or weights-only torch files).
+
+A tpsvit checkpoint is a safetensors file whose metadata key ``"tpsvit"`` holds JSON: the timm model name and its
+keyword arguments, the patch that was applied (if any) and free-form provenance (command, seed, ...). Such a file is
+enough to rebuild the model: ``load_model(checkpoint="model.safetensors")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from tpsvit.errors import CheckpointError, InvalidArgumentError
+from tpsvit.patch import is_patched, patch
+
+META_KEY = "tpsvit"
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` with an error that names the model and suggests close names when it is unknown."""
+    import tpsvit.models  # noqa: F401  (registers tpsvit's own small models)
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise InvalidArgumentError(f"unknown timm model {name!r}{hint}")
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if pretrained:
+            raise CheckpointError(
+                f"could not download pretrained weights for {name!r} ({type(err).__name__}); without internet, pass "
+                "--checkpoint FILE with the weights"
+            ) from None
+        raise
+
+
+def patch_spec(model: nn.Module) -> dict | None:
+    """The patch of a model as plain JSON-able data (or None when unpatched), for checkpoint metadata."""
+    if not is_patched(model):
+        return None
+    cfg = model.tps
+    return {
+        "method": cfg.method,
+        "locations": list(cfg.locations),
+        "keep_rate": None if cfg.keep_rate is None else list(cfg.keep_rate),
+        "r": None if cfg.r is None else list(cfg.r),
+        "temperature": cfg.temperature,
+    }
+
+
+def apply_patch_spec(model: nn.Module, spec: dict | None) -> nn.Module:
+    """Re-apply a patch recorded by :func:`patch_spec`."""
+    if spec:
+        patch(
+            model,
+            spec["method"],
+            keep_rate=spec["keep_rate"] if spec.get("keep_rate") is not None else 1.0,
+            locations=spec["locations"],
+            r=spec.get("r"),
+            temperature=spec.get("temperature", 1.0),
+        )
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, model_name: str, model_kwargs: dict | None = None,
+                    **provenance) -> Path:
+    """Write the model's weights (predictors included) and how to rebuild it as safetensors, atomically."""
+    path = Path(path)
+    meta = {"model": model_name, "model_kwargs": model_kwargs or {}, "patch": patch_spec(model), **provenance}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a state_dict and tpsvit metadata from a safetensors file or a weights-only torch file (never unpickles
+    arbitrary objects). Torch files may wrap the weights as ``{"model": state_dict}`` or ``{"state_dict": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get(META_KEY)
+            return load_file(str(path)), json.loads(raw) if raw else {}
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read {str(path)!r} as a weights-only torch checkpoint ({type(err).__name__}); use a "
+            "safetensors file or a plain state_dict saved with torch.save"
+        ) from None
+    meta = {}
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state"):
+            if isinstance(obj.get(key), dict):
+                meta = obj.get(META_KEY) if isinstance(obj.get(META_KEY), dict) else {}
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{str(path)!r} does not hold a state_dict of tensors")
+    return obj, meta
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
+    """Load a state_dict strictly, turning key or shape mismatches into one clear :class:`CheckpointError`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint {tuple(state_dict[k].shape)} "
+                         f"vs model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if unexpected and all(k.startswith("tps_predictors.") for k in unexpected):
+            parts.append("it holds learned predictors: patch with dtps/dynamicvit at the same locations first")
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state_dict)
+    return model
+
+
+def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
+               **model_kwargs) -> nn.Module:
+    """A timm model from its name, from a tpsvit checkpoint, or a name plus a checkpoint of plain weights.
+
+    A checkpoint's recorded patch is re-applied before loading, so fine-tuned dTPS predictors load too.
+    """
+    if name is None and checkpoint is None:
+        raise InvalidArgumentError("give a timm model name, a --checkpoint file, or both")
+    state_dict, meta = read_weights(checkpoint) if checkpoint is not None else ({}, {})
+    name = name or meta.get("model")
+    if name is None:
+        raise CheckpointError(f"{str(checkpoint)!r} does not record its model; pass the timm model name too")
+    kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
+    if checkpoint is not None and "num_classes" not in kwargs:
+        head = state_dict.get("head.weight")
+        if head is not None:
+            kwargs["num_classes"] = head.shape[0]
+    model = create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+    if checkpoint is not None:
+        apply_patch_spec(model, meta.get("patch"))
+        load_weights(model, state_dict, source=f"checkpoint {str(checkpoint)!r}")
+    return model
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict:
+    """The tpsvit metadata of a checkpoint (empty when it has none)."""
+    return read_weights(path)[1]
