@@ -16,5 +16,6 @@ def deit_mini_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer
     (see :func:`tpsvit.assets.load_demo_model`), not through timm's hub.
     """
     defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=3)
-    defaults.update({k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")})
+    hub_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+    defaults.update({k: v for k, v in kwargs.items() if k not in hub_only})
     return VisionTransformer(**defaults)

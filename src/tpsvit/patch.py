@@ -191,7 +191,8 @@ def _track(block, state: ForwardState, runtime: _Runtime, result: Reduction, sco
         positions = torch.arange(n, device=result.kept.device).expand(result.kept.shape[0], -1)
     new_positions = positions.gather(1, result.kept)
     if result.extra:
-        new_positions = torch.cat([new_positions, new_positions.new_full((new_positions.shape[0], result.extra), -1)], 1)
+        no_cell = new_positions.new_full((new_positions.shape[0], result.extra), -1)
+        new_positions = torch.cat([new_positions, no_cell], dim=1)
     state.positions = new_positions
     trace = runtime.trace
     if trace is not None:
@@ -258,7 +259,7 @@ class _TPSModel:
             keep = state.policy[:, self.num_prefix_tokens :, None].to(x.dtype)
             return (x[:, self.num_prefix_tokens :] * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
         if state is not None and state.policy is not None and pool_type not in ("token", "avg", ""):
-            raise ValueError(f"pooling {pool_type!r} is not supported on the masked training path; use 'token' or 'avg'")
+            raise ValueError(f"pooling {pool_type!r} is not supported on the masked training path; use token or avg")
         return super().pool(x, pool_type)
 
 

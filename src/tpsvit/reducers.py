@@ -75,7 +75,8 @@ def bipartite_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int) -> R
     dst = best_b.gather(1, src)
 
     weighted = (x * size)[:, a_idx]
-    b_sum = (x * size)[:, b_idx].scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(weighted, src))
+    dst_index = dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    b_sum = (x * size)[:, b_idx].scatter_add(1, dst_index, gather_tokens(weighted, src))
     b_size = size[:, b_idx].scatter_add(1, dst.unsqueeze(-1), size[:, a_idx].gather(1, src.unsqueeze(-1)))
     tokens = torch.cat([gather_tokens(x[:, a_idx], unmerged), b_sum / b_size], dim=1)
     new_size = torch.cat([size[:, a_idx].gather(1, unmerged.unsqueeze(-1)), b_size], dim=1)

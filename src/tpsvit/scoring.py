@@ -39,7 +39,7 @@ def mean_keys(attn: nn.Module, qkv: Tensor) -> Tensor:
 
 
 class TokenPredictor(nn.Module):
-    """The DynamicViT / dTPS keep predictor: local features plus a keep-weighted global feature -> (keep, drop) log-probs.
+    """The DynamicViT / dTPS keep predictor: local + keep-weighted global features -> (keep, drop) log-probs.
 
     LayerNorm, Linear(C, C), GELU; the first half of the channels stays per token, the second half is averaged over
     the tokens still kept; then C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax. Output index 0 is "keep".

@@ -70,8 +70,8 @@ def squeeze_with_hosts(reserved: Tensor, pruned: Tensor, temperature: float = 1.
 def squeeze(reserved: Tensor, pruned: Tensor, temperature: float = 1.0) -> Tensor:
     """The TPS squeeze (paper Sec. "Squeeze"): (B, Nr, C) reserved and (B, Np, C) pruned tokens -> (B, Nr, C).
 
-    Each pruned token p_i picks its host h(i) = argmax_j cos(p_i, r_j); each reserved token becomes
-    (e * r_j + sum_{h(i)=j} exp(cos(p_i, r_j) / temperature) * p_i) / (e + sum_{h(i)=j} exp(cos(p_i, r_j) / temperature)).
+    Each pruned token p_i picks its host h(i) = argmax_j cos(p_i, r_j); with c_ij = cos(p_i, r_j) / temperature
+    each reserved token becomes (e * r_j + sum_{h(i)=j} exp(c_ij) * p_i) / (e + sum_{h(i)=j} exp(c_ij)).
     """
     return squeeze_with_hosts(reserved, pruned, temperature)[0]
 

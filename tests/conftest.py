@@ -1,0 +1,34 @@
+"""Tiny random timm ViTs shared by the tests (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def tiny_vit(**overrides):
+    """A 6-block, 48-wide ViT on 32x32 inputs with 4x4 patches: 64 patch tokens (+ prefix)."""
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=7)
+    kwargs.update(overrides)
+    name = kwargs.pop("name", "vit_tiny_patch16_224")
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs).eval()
+
+
+# (label, kwargs): the model families the patch must support.
+VARIANTS = {
+    "plain": {},
+    "distilled": {"name": "deit_tiny_distilled_patch16_224"},
+    "layerscale": {"init_values": 1e-1},  # DeiT-III style LayerScale
+    "registers": {"reg_tokens": 4},
+    "qknorm": {"qk_norm": True},
+}
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 32, 32)
