@@ -10,12 +10,12 @@ MINI_DEIT = "deit_mini_patch4_28"
 
 @register_model
 def deit_mini_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT-Tiny's depth (12 blocks, so locations 3/6/9 apply) at 96 wide, 3 heads, 4x4 patches on 28x28 grey images.
+    """DeiT-Tiny's depth (12 blocks, so locations 3/6/9 apply), 64 wide, 2 heads, 4x4 patches on 28x28 grey images.
 
     49 patch tokens + 1 class token. ``pretrained`` is accepted for timm's interface; weights ship with tpsvit
     (see :func:`tpsvit.assets.load_demo_model`), not through timm's hub.
     """
-    defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=3)
+    defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=2)
     hub_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
     defaults.update({k: v for k, v in kwargs.items() if k not in hub_only})
     return VisionTransformer(**defaults)
