@@ -1,6 +1,7 @@
 """tpsvit: Joint Token Pruning & Squeezing (TPS, CVPR 2023) and token-reduction baselines for timm ViTs."""
 
 import tpsvit.models  # noqa: F401  (registers the demo ViTs with timm)
+from tpsvit.bench import benchmark
 from tpsvit.config import TPSConfig
 from tpsvit.errors import (
     CheckpointError,
@@ -9,6 +10,7 @@ from tpsvit.errors import (
     TPSError,
     UnsupportedModelError,
 )
+from tpsvit.flops import gmacs
 from tpsvit.methods import METHODS
 from tpsvit.patch import ForwardState, forward_state, is_patched, patch, set_keep_rate, tracing, unpatch
 from tpsvit.squeeze import squeeze, squeeze_masked
@@ -27,7 +29,9 @@ __all__ = [
     "TPSError",
     "Trace",
     "UnsupportedModelError",
+    "benchmark",
     "forward_state",
+    "gmacs",
     "is_patched",
     "patch",
     "restore",
