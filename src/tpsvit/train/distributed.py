@@ -1,0 +1,109 @@
+"""PyTorch DDP set-up for runs launched by ``torchrun`` (NCCL on GPU, gloo on CPU); one process without it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tpsvit.errors import InvalidArgumentError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: rank, world size, its device, and whether this module started the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the only rank that writes files, bars and metrics)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True with more than one process."""
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return int(raw) if raw is not None else default
+    except ValueError:
+        raise InvalidArgumentError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return torch.device(name)
+    if name != "cpu":
+        raise InvalidArgumentError(f"device={name!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun announced (1 without torchrun), without starting anything."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the process group announced by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...)."""
+    world = world_size_from_env()
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    if world <= 1:
+        return DistInfo(0, 1, 0, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+
+
+def teardown(info: DistInfo) -> None:
+    """Leave the process group if :func:`setup` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op on one process)."""
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Sum a list of numbers over ranks (float64 for exact counts)."""
+    if not info.distributed:
+        return list(values)
+    device = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def per_rank_batch(global_batch: int, world_size: int, accum_steps: int) -> int:
+    """``global_batch / (world_size * accum_steps)``, or an error when it does not divide."""
+    parts = world_size * accum_steps
+    if global_batch % parts:
+        raise InvalidArgumentError(
+            f"batch_size {global_batch} is not divisible by world size {world_size} x accum_steps {accum_steps} "
+            f"= {parts}; use a multiple of {parts}"
+        )
+    return global_batch // parts

@@ -1,0 +1,494 @@
+"""The training loop: one process or PyTorch DDP (launched by torchrun), resumable mid-epoch.
+
+Per optimiser step, every RNG (python, numpy, torch) is re-seeded from (seed, epoch, step, rank), and the data order
+is a function of (seed, epoch); so a run resumed from ``last.pt`` replays exactly the steps it would have run
+(Fashion-MNIST bit-exact; ImageFolder: same images, worker-side augmentation may differ). The RNG states are saved
+in the checkpoint as well.
+
+Learning rate: linear warm-up per step from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then cosine to
+``min_lr`` (torch's LambdaLR). The backbone groups follow the same curve scaled by ``backbone_lr_scale``. ``lr`` is
+for the global ``batch_size`` and is never rescaled automatically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import tpsvit
+from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
+from tpsvit.loading import save_checkpoint
+from tpsvit.train import distributed
+from tpsvit.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
+from tpsvit.train.data_loading import build_data, check_data, mix_seed
+from tpsvit.train.losses import (
+    accuracy,
+    classification_loss,
+    keep_ratio_loss,
+    logit_distillation,
+    token_distillation,
+)
+from tpsvit.train.metrics import MetricsWriter
+from tpsvit.train.modeling import build_models, enable_grad_checkpointing, param_groups, print_notes
+from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, resolve, valid_keys, validate
+
+LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio")
+
+
+class _WithFeatures(nn.Module):
+    """The student as DDP sees it: returns (logits, final token features) in one forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), features
+
+
+def lr_factor(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
+    """Multiplier of the base lr after ``step`` optimiser steps: linear warm-up, then cosine to ``min_lr``."""
+    if warmup > 0 and step < warmup:
+        start = warmup_lr / lr
+        return start + (1.0 - start) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = min_lr / lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise InvalidArgumentError("amp=fp16 needs a GPU; use amp=bf16 or none on CPU")
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def _num_classes(cfg: TrainConfig) -> int:
+    from tpsvit.train.data_loading import _folder_roots, _is_fashion_mnist
+
+    if _is_fashion_mnist(cfg.data):
+        return 10
+    from torchvision.datasets.folder import find_classes
+
+    root, _ = _folder_roots(Path(cfg.data).expanduser(), cfg.train_split, cfg.val_split)
+    try:
+        return len(find_classes(str(root))[0])
+    except FileNotFoundError as err:
+        raise DatasetError(f"image folder {root} has no class folders ({err}); expected root/<class>/<image>") from None
+
+
+def _machine(device: torch.device) -> str:
+    what = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        what += f", {torch.cuda.get_device_name(device)}"
+    return f"{what}, torch {torch.__version__}"
+
+
+class Run:
+    """One training run: set up everything (all input checks first), then :meth:`fit`."""
+
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, command: str):
+        self.info, self.command = info, command
+        self.out = Path(cfg.out)
+        self.state = self._resume_state(cfg)
+        if self.state is not None:
+            cfg = self._reconcile(cfg, TrainConfig(**self.state["config"]))
+        self.cfg = cfg
+        self.per_rank = distributed.per_rank_batch(cfg.batch_size, info.world_size, cfg.accum_steps)
+        self.mixup_active = cfg.mixup > 0 or cfg.cutmix > 0
+        if self.mixup_active and self.per_rank % 2:
+            raise InvalidArgumentError(f"mixup/cutmix need an even per-rank batch, got {self.per_rank}; change "
+                                       "batch_size or set mixup=0 cutmix=0")
+        self.amp = _resolve_amp(cfg.amp, info.device)
+        check_data(cfg)
+        models = build_models(cfg, _num_classes(cfg))
+        print_notes(models.notes, info.is_main)
+        self.models, self.model, self.teacher = models, models.student, models.teacher
+        self.data = build_data(cfg, self.model, info.rank, info.world_size, self.per_rank, self.per_rank * 2,
+                               pin_memory=info.device.type == "cuda")
+        if len(self.data.classes) != self.model.num_classes:
+            raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {self.model.num_classes}")
+        self.steps_per_epoch = len(self.data.train) // cfg.accum_steps
+        if cfg.steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise DatasetError(f"{self.data.description} gives no full batch of {cfg.batch_size}; lower batch_size")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self._setup_engine()
+        self.history: list[dict] = []
+        self.best_top1 = -1.0
+        self.start_epoch, self.start_step, self.global_step, self.partial = 0, 0, 0, {}
+        self.wall_time = 0.0
+        if self.state is not None:
+            self._restore(self.state)
+        self.metrics = MetricsWriter(self.out, cfg.to_dict(), enabled=info.is_main)
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def _resume_state(self, cfg: TrainConfig) -> dict | None:
+        if cfg.resume:
+            return load_state(cfg.out)
+        if (self.out / STATE_FILE).exists():
+            raise InvalidArgumentError(f"{self.out / STATE_FILE} exists; pass --resume to continue that run or "
+                                       "choose another --out")
+        return None
+
+    @staticmethod
+    def _reconcile(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
+        saved = validate(saved)
+        for key in valid_keys():
+            if key not in RESUME_FREE_KEYS and getattr(cfg, key) != getattr(saved, key):
+                raise InvalidArgumentError(
+                    f"--resume: {key}={getattr(cfg, key)!r} differs from the run being resumed "
+                    f"({getattr(saved, key)!r}); drop that option or start a new --out"
+                )
+        return replace(saved, **{k: getattr(cfg, k) for k in RESUME_FREE_KEYS})
+
+    def _setup_engine(self) -> None:
+        cfg, info = self.cfg, self.info
+        model = self.model.to(info.device)
+        if self.teacher is not None:
+            self.teacher.to(info.device)
+        self.checkpointed_blocks = enable_grad_checkpointing(model) if cfg.grad_checkpointing else 0
+        self.target_rates = model.tps.keep_rate if tpsvit.is_patched(model) else None
+        self.net = _WithFeatures(model)
+        if info.distributed:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.net, device_ids=ids,
+                                               find_unused_parameters=cfg.find_unused_parameters)
+        fused = {"fused": True} if info.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay),
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps, **fused,
+        )
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, self.total_steps, warmup, cfg.lr, cfg.warmup_lr, cfg.min_lr),
+        )
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == torch.float16)
+        self.mixup = None
+        if self.mixup_active:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
+                               num_classes=model.num_classes)
+        self.criterion = classification_loss(self.mixup_active, cfg.smoothing)
+
+    def _restore(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot resume from {self.out / STATE_FILE}: {str(err).splitlines()[0]}") from None
+        set_rng_state(state["rng"])
+        self.start_epoch, self.start_step = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.best_top1 = float(state["best_top1"])
+        self.partial = dict(state["partial"])
+        self.wall_time = float(state["wall_time_s"])
+        if self.info.is_main:
+            print(f"tpsvit train: resuming {self.out} at epoch {self.start_epoch + 1}, step {self.start_step} "
+                  f"(global step {self.global_step})", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def _seed_step(self, epoch: int, step: int) -> None:
+        seed = mix_seed(self.cfg.seed, epoch, step, self.info.rank, 11)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _anneal(self) -> None:
+        epochs = self.cfg.keep_rate_anneal_epochs
+        if not epochs or self.target_rates is None:
+            return
+        t = min(1.0, self.global_step / max(1.0, epochs * self.steps_per_epoch))
+        tpsvit.set_keep_rate(self.model, [1.0 - t * (1.0 - k) for k in self.target_rates])
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp)
+
+    def _losses(self, x, logits, features, target) -> dict:
+        cfg, model = self.cfg, self.model
+        terms = {"ce": self.criterion(logits.float(), target)}
+        total = terms["ce"]
+        prefix = model.num_prefix_tokens
+        state = tpsvit.forward_state(model) if tpsvit.is_patched(model) else None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_features = self.teacher.forward_features(x)
+                t_logits = self.teacher.forward_head(t_features)
+            if self.models.distill_logits:
+                terms["distill"] = logit_distillation(logits, t_logits)
+                total = total + cfg.distill_weight * terms["distill"]
+            if cfg.token_distill_weight > 0:
+                where = {}
+                if state is not None and state.masked and state.policy is not None:
+                    where["policy"] = state.policy[:, prefix:]
+                elif state is not None and not state.masked and state.positions is not None:
+                    where["positions"] = state.positions
+                terms["token"] = token_distillation(features[:, prefix:], t_features[:, prefix:], **where)
+                total = total + cfg.token_distill_weight * terms["token"]
+        if cfg.keep_ratio_weight > 0 and state is not None and state.masked and state.decisions:
+            terms["keep_ratio"] = keep_ratio_loss(state.decisions, model.tps.keep_rate)
+            total = total + cfg.keep_ratio_weight * terms["keep_ratio"]
+        terms["total"] = total
+        return terms
+
+    def _step(self, batches, epoch: int, step: int) -> dict:
+        cfg, info = self.cfg, self.info
+        self._seed_step(epoch, step)
+        self._anneal()
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        for micro in range(cfg.accum_steps):
+            x, y = next(batches)
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            target = y
+            if self.mixup is not None:
+                x, target = self.mixup(x, y)
+            last = micro == cfg.accum_steps - 1
+            sync = self.net.no_sync() if info.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    logits, features = self.net(x)
+                    terms = self._losses(x, logits, features, target)
+                if not torch.isfinite(terms["total"]):
+                    raise FloatingPointError(f"loss is {terms['total'].item()} at epoch {epoch + 1} step {step}; "
+                                             "lower lr or use amp=none")
+                self.scaler.scale(terms["total"] / cfg.accum_steps).backward()
+            for key, value in terms.items():
+                sums[key] += float(value.detach()) / cfg.accum_steps
+        if cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+        return sums
+
+    def current_lr(self) -> float:
+        """The predictor (main) learning rate now."""
+        cfg = self.cfg
+        return cfg.lr * lr_factor(self.global_step, self.total_steps, self.warmup_steps, cfg.lr, cfg.warmup_lr,
+                                  cfg.min_lr)
+
+    # ------------------------------------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1 / top-5 / loss on the evaluation split (sharded over ranks), and GMACs per image."""
+        model, info = self.model, self.info
+        model.eval()
+        counts = [0.0, 0.0, 0.0, 0.0]  # top1, top5, loss sum, images
+        for x, y in self.data.eval.batches():
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            with self._autocast():
+                logits = model(x)
+            top1, top5 = accuracy(logits, y)
+            counts = [counts[0] + top1, counts[1] + top5,
+                      counts[2] + float(F.cross_entropy(logits.float(), y, reduction="sum")), counts[3] + len(y)]
+        counts = distributed.all_reduce_sum(counts, info)
+        gmacs = self._gmacs(x[:1])
+        model.train()
+        n = max(1.0, counts[3])
+        return {"test_top1": 100.0 * counts[0] / n, "test_top5": 100.0 * counts[1] / n,
+                "test_loss": counts[2] / n, "gmacs": gmacs}
+
+    def _gmacs(self, one: torch.Tensor) -> float:
+        try:
+            from tpsvit.flops import gmacs
+
+            return float(gmacs(self.model, img_size=one.shape[-1]))
+        except Exception:  # no analytic count for this model: count the real forward (FLOPs / 2)
+            pass
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.model(one)
+        return counter.get_total_flops() / 2 / 1e9
+
+    # ------------------------------------------------------------------------------------------------ saving
+
+    def _state(self, epoch: int, step: int) -> dict:
+        return {
+            "format": 1,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step,
+            "global_step": self.global_step,
+            "epochs": self.cfg.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "rng": rng_state(),
+            "history": self.history,
+            "best_top1": self.best_top1,
+            "partial": self.partial,
+            "wall_time_s": self.wall_time,
+        }
+
+    def _save_state(self, epoch: int, step: int) -> None:
+        if self.info.is_main:
+            save_state(self.out, self._state(epoch, step))
+        distributed.barrier(self.info)
+
+    def _export(self, name: str, top1: float | None, epoch: int) -> Path | None:
+        if not self.info.is_main:
+            return None
+        return save_checkpoint(
+            self.model, self.out / name, self.models.name, self.models.kwargs,
+            command=self.command, seed=self.cfg.seed, epochs=epoch, total_epochs=self.cfg.epochs,
+            global_step=self.global_step, test_top1=top1, wall_time_s=round(self.wall_time, 1),
+            machine=_machine(self.info.device), world_size=self.info.world_size, recipe=self.cfg.recipe,
+            data=self.cfg.data, trained_by="tpsvit train",
+        )
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def _train_epoch(self, epoch: int, start: int) -> dict:
+        cfg, info = self.cfg, self.info
+        self.net.train()
+        prior = float(self.partial.get("elapsed", 0.0)) if start else 0.0
+        sums = {k: float(self.partial.get(k, 0.0)) if start else 0.0 for k in LOSS_KEYS}
+        batches = self.data.train.batches(epoch, start * cfg.accum_steps)
+        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not info.is_main, file=sys.stderr, dynamic_ncols=True, leave=True)
+        began = segment = time.time()
+        for step in range(start, self.steps_per_epoch):
+            terms = self._step(batches, epoch, step)
+            for key in LOSS_KEYS:
+                sums[key] += terms[key]
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['total'] / done:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
+            if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and done < self.steps_per_epoch:
+                now = time.time()
+                self.wall_time += now - segment
+                segment = now
+                self.partial = {**sums, "elapsed": prior + now - began}
+                self._save_state(epoch, done)
+        bar.close()
+        end = time.time()
+        self.wall_time += end - segment
+        here = end - began
+        self.partial = {}
+        means = distributed.all_reduce_sum([sums[k] / self.steps_per_epoch for k in LOSS_KEYS], info)
+        names = {"total": "train_loss", "ce": "loss_ce", "distill": "loss_distill", "token": "loss_token",
+                 "keep_ratio": "loss_keep_ratio"}
+        row = {names[k]: v / info.world_size for k, v in zip(LOSS_KEYS, means, strict=True)}
+        trained = (self.steps_per_epoch - start) * cfg.batch_size
+        return {**row, "epoch_time_s": prior + here, "train_images": self.steps_per_epoch * cfg.batch_size,
+                "train_images_per_s": trained / here if here > 0 else None}
+
+    def fit(self) -> dict:
+        """Train from the current position to the last epoch; returns the results dict."""
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            extra = f", {self.checkpointed_blocks} blocks checkpointed" if self.checkpointed_blocks else ""
+            what = str(self.model.tps) if tpsvit.is_patched(self.model) else "unpatched"
+            print(f"tpsvit train: {cfg.model} ({what}) on {self.data.description}; {cfg.epochs} epochs x "
+                  f"{self.steps_per_epoch} steps, global batch {cfg.batch_size} = {info.world_size} ranks x "
+                  f"{self.per_rank} x {cfg.accum_steps} accum, device {info.device}, "
+                  f"amp {self.amp or 'off'}{extra} -> {self.out}", file=sys.stderr)
+        last_eval = None
+        for epoch in range(self.start_epoch, cfg.epochs):
+            start = self.start_step if epoch == self.start_epoch else 0
+            row = {"epoch": epoch + 1, **self._train_epoch(epoch, start)}
+            row["global_step"] = self.global_step
+            row["lr"] = self.current_lr()
+            row["lr_backbone"] = row["lr"] * cfg.backbone_lr_scale
+            row["keep_rate"] = list(self.model.tps.keep_rate) if tpsvit.is_patched(self.model) and \
+                self.model.tps.keep_rate is not None else None
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                last_eval = self.evaluate()
+                row.update(last_eval)
+            self.history.append(row)
+            top1 = row.get("test_top1")
+            if top1 is not None and top1 > self.best_top1:
+                self.best_top1 = top1
+                self._export("best.safetensors", top1, epoch + 1)
+            self._save_state(epoch + 1, 0)
+            self.metrics.write(self.history, self.summary())
+            if info.is_main:
+                print(self._epoch_line(row), file=sys.stderr)
+        final_top1 = self.history[-1].get("test_top1") if self.history else None
+        final = self._export("final.safetensors", final_top1, cfg.epochs)
+        self.metrics.write(self.history, self.summary())
+        self.metrics.close()
+        distributed.barrier(info)
+        return {**self.summary(), "final": str(final) if final else None, "history": self.history,
+                "model": self.model}
+
+    def summary(self) -> dict:
+        """Headline numbers of the run so far."""
+        return {"out": str(self.out), "epochs": self.cfg.epochs, "global_step": self.global_step,
+                "steps_per_epoch": self.steps_per_epoch, "best_top1": self.best_top1 if self.best_top1 >= 0 else None,
+                "final_top1": self.history[-1].get("test_top1") if self.history else None,
+                "wall_time_s": self.wall_time, "world_size": self.info.world_size, "command": self.command}
+
+    def _epoch_line(self, row: dict) -> str:
+        parts = [f"epoch {row['epoch']}/{self.cfg.epochs}: loss {row['train_loss']:.4f} (ce {row['loss_ce']:.4f}"]
+        for key, label in (("loss_distill", "kd"), ("loss_token", "tok"), ("loss_keep_ratio", "ratio")):
+            if row.get(key):
+                parts.append(f" {label} {row[key]:.4f}")
+        parts.append(")")
+        if row.get("test_top1") is not None:
+            parts.append(f", test top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}%, "
+                         f"{row['gmacs']:.4g} GMACs")
+        ips = row.get("train_images_per_s")
+        parts.append(f", {row['epoch_time_s']:.0f} s" + (f" ({ips:.0f} img/s)" if ips else ""))
+        return "tpsvit train: " + "".join(parts)
+
+
+def _as_config(config) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return validate(config)
+    if isinstance(config, dict):
+        return resolve(config.get("recipe"), {k: v for k, v in config.items()})
+    raise InvalidArgumentError(f"train() takes a TrainConfig or a dict of keys, got {type(config).__name__}")
+
+
+def train(config, command: str | None = None) -> dict:
+    """Fine-tune (or train) a model as ``config`` says; returns the results (metrics, paths, the trained model).
+
+    ``config``: a :class:`TrainConfig` or a dict of its keys (``{"recipe": "fmnist-scratch", "epochs": 1}``).
+    Launched by torchrun, every rank calls this; rank 0 writes files. ``lr`` is for the global batch and is not
+    rescaled (see :mod:`tpsvit.train.recipe`).
+    """
+    cfg = _as_config(config)
+    command = command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    info = distributed.setup(cfg.device)
+    try:
+        return Run(cfg, info, command).fit()
+    finally:
+        distributed.teardown(info)

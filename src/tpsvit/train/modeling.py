@@ -1,0 +1,169 @@
+"""The models of a run: the student (built, loaded, patched), the frozen teacher, parameter groups, checkpointing.
+
+Gradient checkpointing is applied only to the blocks *before the first reduction location*. A patched block reads
+and writes per-forward state (keep policy, positions, ToMe sizes) on the model's runtime; recomputing it during the
+backward pass would see the state left by later blocks and compute something else. Blocks before the first location
+see no reduction, so they are recomputed through timm's own ``Block.forward``, which is exactly what they ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import tpsvit
+from tpsvit.errors import CheckpointError, InvalidArgumentError
+from tpsvit.loading import create_model, load_model, read_weights
+
+
+@dataclass
+class Models:
+    """The student, the teacher (or None), and how to rebuild the student (timm name + keywords)."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    name: str
+    kwargs: dict
+    notes: list
+    distill_logits: bool = False
+
+
+def _warn(notes: list, message: str) -> None:
+    notes.append(message)
+
+
+def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, bool]:
+    """(model, rebuild kwargs, trained?) from a checkpoint or a timm name."""
+    kwargs = dict(cfg.model_kwargs)
+    train_only = {"drop_path_rate": cfg.drop_path} if "drop_path_rate" not in kwargs else {}
+    if cfg.checkpoint is not None:
+        _, meta = read_weights(cfg.checkpoint)
+        recorded = meta.get("model")
+        if recorded and recorded != cfg.model:
+            raise CheckpointError(f"checkpoint {cfg.checkpoint!r} is a {recorded!r} but model is {cfg.model!r}; "
+                                  f"set model={recorded} or give a checkpoint of {cfg.model}")
+        model = load_model(cfg.model, cfg.checkpoint, **kwargs, **train_only)
+        kwargs = {**meta.get("model_kwargs", {}), **kwargs}
+        if model.num_classes != num_classes:
+            _warn(notes, f"checkpoint head has {model.num_classes} classes, the data {num_classes}: new head")
+            model.reset_classifier(num_classes)
+            model._tps_fresh_head = True
+        kwargs["num_classes"] = num_classes
+        return model, kwargs, True
+    kwargs.setdefault("num_classes", num_classes)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs, **train_only)
+    hub_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if cfg.pretrained and hub_classes not in (None, model.num_classes):
+        model._tps_fresh_head = True
+    return model, kwargs, cfg.pretrained
+
+
+def _solve_budget(cfg, model) -> dict:
+    """keep_rate (or ToMe's r) meeting ``cfg.budget`` (fraction of the unpatched GMACs), via tpsvit.budget."""
+    try:
+        from tpsvit.budget import solve_keep_rate, solve_tome_r
+    except ImportError:
+        raise InvalidArgumentError("budget needs tpsvit.budget, which this installation lacks; set keep_rate") from None
+    img_size = cfg.img_size
+    if cfg.method == "tome" and cfg.r is not None:
+        return {"keep_rate": 1.0, "r": solve_tome_r(model, budget=cfg.budget, img_size=img_size)}
+    rate = solve_keep_rate(model, cfg.method, budget=cfg.budget, locations=tuple(cfg.locations), img_size=img_size)
+    return {"keep_rate": rate, "r": None}
+
+
+def apply_method(model: nn.Module, cfg) -> nn.Module:
+    """Patch ``model`` as the config says (method ``none`` leaves it, or makes it, unpatched)."""
+    if cfg.method == "none":
+        return tpsvit.unpatch(model)
+    amount = _solve_budget(cfg, model) if cfg.budget is not None else {"keep_rate": cfg.keep_rate, "r": cfg.r}
+    if cfg.keep_rate_anneal_epochs and amount["r"] is not None:
+        raise InvalidArgumentError("keep_rate_anneal_epochs works with keep_rate, not with ToMe's r")
+    return tpsvit.patch(model, cfg.method, locations=tuple(cfg.locations), **amount)
+
+
+def _teacher(cfg, start: nn.Module, trained: bool, notes: list) -> nn.Module | None:
+    if cfg.distill_weight == 0 and cfg.token_distill_weight == 0:
+        return None
+    if cfg.teacher == "none":
+        _warn(notes, "teacher=none: the distillation losses are off")
+        return None
+    if cfg.teacher == "auto":
+        teacher = copy.deepcopy(start)
+        if not trained:
+            _warn(notes, "the teacher is the randomly initialised starting model (no pretrained weights/checkpoint)")
+    else:
+        teacher = load_model(None, cfg.teacher)
+        if teacher.num_classes != start.num_classes:
+            raise CheckpointError(f"teacher {cfg.teacher!r} has {teacher.num_classes} classes but the student "
+                                  f"{start.num_classes}; give a teacher trained on the same classes")
+    tpsvit.unpatch(teacher)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def build_models(cfg, num_classes: int) -> Models:
+    """Student (patched), frozen teacher (the unpatched starting model, or ``cfg.teacher``) and rebuild recipe."""
+    notes: list = []
+    torch.manual_seed(cfg.seed)  # identical random init (predictors included) on every rank
+    model, kwargs, trained = _start_model(cfg, num_classes, notes)
+    teacher = _teacher(cfg, model, trained, notes)
+    distill_logits = teacher is not None and cfg.distill_weight > 0
+    if distill_logits and cfg.teacher == "auto" and getattr(model, "_tps_fresh_head", False):
+        _warn(notes, "logit distillation is off: the starting model's head is new for these classes")
+        distill_logits = False
+    model.__dict__.pop("_tps_fresh_head", None)
+    apply_method(model, cfg)
+    return Models(model, teacher, cfg.model, kwargs, notes, distill_logits)
+
+
+def _checkpointed_forward(block: nn.Module, base_forward, x, attn_mask=None, is_causal=False):
+    if not torch.is_grad_enabled() or not block.training:
+        return base_forward(block, x, attn_mask=attn_mask, is_causal=is_causal)
+    return checkpoint(base_forward, block, x, attn_mask=attn_mask, is_causal=is_causal, use_reentrant=False)
+
+
+def enable_grad_checkpointing(model: nn.Module) -> int:
+    """Recompute the blocks before the first reduction location in backward; returns how many blocks."""
+    from timm.models.vision_transformer import Block
+
+    if tpsvit.is_patched(model):
+        count = min(model.tps.locations) if model.tps.locations else len(model.blocks)
+    else:
+        count = len(model.blocks)
+    for block in list(model.blocks)[:count]:
+        base = getattr(type(block), "_tps_base", type(block))
+        if base.forward is not Block.forward:
+            raise InvalidArgumentError(f"grad_checkpointing supports timm's Block, not {base.__name__}")
+        block.forward = partial(_checkpointed_forward, block, base.forward)
+    return count
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: predictors at ``lr``, the rest at ``lr * backbone_lr_scale``; no decay on 1-d params/tokens."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "predictor" if name.startswith("tps_predictors.") else "backbone"
+        decay = param.ndim > 1 and name not in skip
+        groups.setdefault((part, decay), []).append(param)
+    out = []
+    for (part, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != "predictor", not kv[0][1])):
+        scale = 1.0 if part == "predictor" else backbone_lr_scale
+        out.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0,
+                    "name": f"{part}{'' if decay else '_no_decay'}"})
+    return out
+
+
+def print_notes(notes: list, enabled: bool) -> None:
+    """Print set-up notes (warnings) on stderr."""
+    if enabled:
+        for note in notes:
+            print(f"tpsvit train: note: {note}", file=sys.stderr)
