@@ -211,10 +211,10 @@ def dataset_samples(data: str, split: str, index: list[int] | None, samples: int
     classes = list(dataset.classes)
     same_classes = int(getattr(model, "num_classes", 0)) == len(classes)
     labels = [label if same_classes else classes[label] for _, label in items]
-    label = "fashion-mnist" if isinstance(dataset, FashionMNIST) else Path(data).name
+    prefix = f"fashion-mnist_{split}" if isinstance(dataset, FashionMNIST) else Path(data).name
     return {
         "images": torch.stack([image for image, _ in items]),
-        "names": [f"{label}_{split}_{i}" for i in index],
+        "names": [f"{prefix}_{i}" for i in index],
         "labels": labels,
         "class_names": classes if same_classes else None,
         "mean": mean,
