@@ -257,3 +257,15 @@ def test_cli_bad_inputs_exit_2_with_one_line(argv, pattern, tmp_path, fmnist, ti
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tpsvit viz: error: ")
     assert __import__("re").search(pattern, err[0]), err[0]
+
+
+def test_cli_on_an_image_folder_tree_uses_the_model_input_size(tmp_path, tiny_checkpoint):
+    rng = np.random.default_rng(2)
+    for cls in ("cat", "dog"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(tmp_path / "tree" / cls / "a.png")
+    out = tmp_path / "out"
+    assert main(["viz", "--data", str(tmp_path / "tree"), "--index", "1", "--checkpoint", tiny_checkpoint,
+                 "--locations", "2", "--dpi", "40", "--out", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == ["tree_1_etps.png"]
+    assert Image.open(out / "tree_1_etps.png").size == (2 * 2.5 * 40, 3.5 * 40)
