@@ -1,0 +1,1 @@
+"""The tpsvit sub-commands, one module each (see tpsvit.cli)."""

@@ -1,0 +1,132 @@
+"""GMACs per image of a timm ViT, unpatched and under each method (analytic, optional flop-counter check).
+
+Also home of the model / comparison options shared by ``tpsvit flops``, ``tpsvit bench`` and ``tpsvit eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from tpsvit.budget import Variant, plan_variants
+from tpsvit.config import DEFAULT_LOCATIONS
+from tpsvit.evaluation import format_table, write_json
+from tpsvit.flops import counted_gmacs, format_breakdown, gmacs, gmacs_per_block
+from tpsvit.methods import METHODS
+from tpsvit.patch import is_patched
+
+DEFAULT_MODEL = "deit_small_patch16_224"
+
+
+# ------------------------------------------------------------------------------------------------ shared options
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = DEFAULT_MODEL) -> None:
+    """--model, --checkpoint, --pretrained, --img-size."""
+    group = parser.add_argument_group("model")
+    default = f" (default: {default_model})" if default_model else ""
+    group.add_argument("--model", metavar="NAME", help=f"timm model name{default}")
+    group.add_argument("--checkpoint", metavar="FILE",
+                       help="weights: a tpsvit safetensors checkpoint (rebuilds its model and patch) or a torch file")
+    group.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
+    group.add_argument("--img-size", type=int, metavar="PX", help="input side (default: the model's)")
+
+
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """--methods, --keep-rates, --r, --locations, --budget / --gmacs."""
+    group = parser.add_argument_group("what to compare with the unpatched model")
+    group.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                       help=f"token-reduction methods: {', '.join(METHODS)} (default: the checkpoint's own, else etps)")
+    group.add_argument("--keep-rates", nargs="+", type=float, metavar="RATE",
+                       help="keep rates, each applied at every location (default: 0.7 unless --r/--budget/--gmacs)")
+    group.add_argument("--r", nargs="+", type=int, metavar="R", help="ToMe: tokens merged in every block (e.g. 13)")
+    group.add_argument("--locations", nargs="+", type=int, metavar="BLOCK",
+                       help="0-based blocks where tokens are reduced (default: 3 6 9)")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=float, metavar="FRACTION",
+                        help="also run each method at this fraction of the unpatched GMACs (e.g. 0.35); the keep "
+                             "rate (ToMe: r) is solved analytically")
+    budget.add_argument("--gmacs", type=float, metavar="G", help="also run each method at this many GMACs (e.g. 1.6)")
+
+
+def load_base_model(args: argparse.Namespace, meta: bool = False, default_model: str | None = DEFAULT_MODEL):
+    """The model the options name. ``meta=True`` builds a weightless model on the meta device when no weights are
+    asked for (enough for GMACs)."""
+    from tpsvit.loading import create_model, load_model
+
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    name = args.model or (None if args.checkpoint else default_model)
+    if meta and args.checkpoint is None and not args.pretrained:
+        with torch.device("meta"):
+            return create_model(name, **kwargs)
+    return load_model(name, args.checkpoint, args.pretrained, **kwargs)
+
+
+def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
+    """Unpatched, then each method x keep rate, ToMe at each r, and each method at the budget.
+
+    Without --methods a patched checkpoint is compared at its own patch; otherwise etps at keep 0.7.
+    """
+    own = base.tps if is_patched(base) and base.tps.keep_rate is not None else None
+    methods = args.methods or ([own.method] if own else ["etps"])
+    locations = tuple(args.locations) if args.locations else (own.locations if own else DEFAULT_LOCATIONS)
+    keep_rates = args.keep_rates
+    if keep_rates is None:
+        if args.r or args.budget is not None or args.gmacs is not None:
+            keep_rates = []
+        elif own and not args.methods and not args.locations:
+            keep_rates = [own.keep_rate[0] if len(set(own.keep_rate)) == 1 else own.keep_rate]
+        else:
+            keep_rates = [0.7]
+    return plan_variants(base, methods, keep_rates, args.r or (), locations, args.budget, args.gmacs, args.img_size)
+
+
+def make_variant(base, variant: Variant):
+    """A copy of ``base`` patched (or unpatched) as ``variant``; predictors of the same locations are kept."""
+    return variant.apply(copy.deepcopy(base))
+
+
+# ---------------------------------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_variant_arguments(parser)
+    parser.add_argument("--per-block", action="store_true", help="print the per-block breakdown of each variant")
+    parser.add_argument("--check", action="store_true",
+                        help="also count with torch.utils.flop_counter on a random-weight forward pass")
+    parser.add_argument("--json", metavar="PATH", help="save the table (and breakdowns) as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    base = load_base_model(args, meta=not args.check)
+    variants = variants_from_args(args, base)
+    rows, full = [], None
+    for variant in variants:
+        model = make_variant(base, variant)
+        value = gmacs(model, args.img_size)
+        full = value if variant.method is None else full
+        breakdown = gmacs_per_block(model, args.img_size)
+        row = {**variant.as_dict(), "amount": variant.amount, "gmacs": value,
+               "tokens_out": breakdown["blocks"][-1]["tokens_mlp"], "breakdown": breakdown}
+        if args.check:
+            row["counted_gmacs"] = counted_gmacs(model, args.img_size)
+            row["difference_pct"] = 100 * (value - row["counted_gmacs"]) / row["counted_gmacs"]
+        rows.append(row)
+        if args.per_block:
+            print(f"\n{variant.label}\n{format_breakdown(breakdown)}")
+    for row in rows:
+        row["fraction"] = row["gmacs"] / full if full else None
+    columns = [("label", "variant", ""), ("amount", "keep / r", ""), ("tokens_out", "tokens out", "d"),
+               ("gmacs", "GMACs", ".3f"), ("fraction", "of unpatched", ".1%")]
+    if args.check:
+        columns += [("counted_gmacs", "flop counter", ".3f"), ("difference_pct", "diff %", "+.2f")]
+    name = args.model or (args.checkpoint and f"checkpoint {args.checkpoint}") or DEFAULT_MODEL
+    print(f"{name}: analytic GMACs per image (multiply-accumulates)")
+    print(format_table(rows, columns))
+    if args.json:
+        write_json({"model": name, "img_size": args.img_size, "rows": rows}, args.json)
+        print(f"saved {args.json}")
+    return 0
