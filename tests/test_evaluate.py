@@ -56,7 +56,7 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_accuracy_matches_a_hand_count():
-    model = tiny_vit()
+    model = tiny_vit().train()
     torch.manual_seed(3)
     images, labels = torch.randn(10, 3, 32, 32), torch.randint(0, 7, (10,))
     with torch.no_grad():
@@ -69,6 +69,7 @@ def test_accuracy_matches_a_hand_count():
     loader = DataLoader(TensorDataset(images, labels), batch_size=3)
     assert evaluate_accuracy(model, loader, progress=False)["top1"] == pytest.approx(top1)
     assert result["images_per_s"] > 0
+    assert model.training  # mode restored
 
 
 def test_grey_tensors_are_resized_and_models_share_one_pass():
@@ -166,6 +167,8 @@ def test_rgb_model_needs_data(tiny_checkpoint, capsys):
 def test_mismatched_checkpoint_is_one_line_exit_2(tiny_checkpoint, fmnist_dir, capsys):
     assert run_eval("--model", "deit_mini_patch4_28", "--checkpoint", tiny_checkpoint, "--data", fmnist_dir) == 2
     assert "does not fit" in one_line_error(capsys)
+    assert run_eval("--checkpoint", tiny_checkpoint.parent / "nope.safetensors", "--data", fmnist_dir) == 2
+    assert "does not exist" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

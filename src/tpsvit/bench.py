@@ -133,10 +133,11 @@ def benchmark_interleaved(models: Mapping[str, nn.Module], batch_size: int = 64,
         sync()
         return time.perf_counter() - start
 
+    for model in models.values():
+        model.to(device).eval()  # outside inference mode: moved parameters stay usable for training
     try:
         with torch.inference_mode():
             for model in models.values():
-                model.to(device).eval()
                 for _ in range(warmup):
                     timed(model)
             for _ in range(repeats):

@@ -92,11 +92,11 @@ def evaluate_many(models: Mapping[str, nn.Module], data, batch_size: int = 256, 
              for name in models}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    for model in models.values():
+        model.to(device).eval()  # outside inference mode: moved parameters stay usable for training
     bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False)
     try:
         with torch.inference_mode():
-            for model in models.values():
-                model.to(device).eval()
             for index, (images, labels) in enumerate(batches):
                 images = _fit_input(images, chans, h, w).to(device, non_blocking=True)
                 labels = labels.to(device)

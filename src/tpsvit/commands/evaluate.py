@@ -44,7 +44,7 @@ COLUMNS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, default_model=None)
+    add_model_arguments(parser, default_model=None, default_text="the shipped Fashion-MNIST demo checkpoint")
     add_variant_arguments(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="NAME_OR_DIR",
@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
         from tpsvit.assets import demo_checkpoint
 
         checkpoint = args.checkpoint = str(demo_checkpoint())
+    base = load_base_model(args, default_model=None)  # reads and checks the checkpoint first
     meta = _checkpoint_meta(checkpoint)
-    base = load_base_model(args, default_model=None)
     data, description, classes = load_data(args, base)
     model_classes = getattr(base, "num_classes", classes)
     if classes > model_classes:

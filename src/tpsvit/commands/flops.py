@@ -23,10 +23,11 @@ DEFAULT_MODEL = "deit_small_patch16_224"
 # ------------------------------------------------------------------------------------------------ shared options
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = DEFAULT_MODEL) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = DEFAULT_MODEL,
+                        default_text: str | None = None) -> None:
     """--model, --checkpoint, --pretrained, --img-size."""
     group = parser.add_argument_group("model")
-    default = f" (default: {default_model})" if default_model else ""
+    default = f" (default: {default_text or default_model})" if default_text or default_model else ""
     group.add_argument("--model", metavar="NAME", help=f"timm model name{default}")
     group.add_argument("--checkpoint", metavar="FILE",
                        help="weights: a tpsvit safetensors checkpoint (rebuilds its model and patch) or a torch file")
