@@ -111,17 +111,16 @@ def test_keep_rate_one_records_nothing_and_restore_returns_the_tokens(method):
     assert torch.equal(prefix, tokens[:, :1]) and torch.equal(grid, tokens[:, 1:])
 
 
-MASKED_PATH_BUG = ("trace records nothing on the masked (training) path; restore then returns the pruned tokens' "
-                   "stale features as their own (trace.py / patch._reduce_masked)")
 
 
-@pytest.mark.xfail(strict=True, reason=MASKED_PATH_BUG)
 def test_restore_after_a_training_mode_pass_is_not_silently_wrong():
     model = tpsvit.patch(tiny_vit(), "dtps", keep_rate=0.5, locations=(1, 3)).train()
     with tpsvit.tracing(model) as trace:
         tokens = model.forward_features(torch.randn(2, 3, 32, 32))
-    try:
+    with pytest.raises(ValueError, match="masked training path"):
         restore(tokens, trace)
-    except ValueError:
-        return  # refusing is fine
-    assert len(trace.locations) == 2  # ... or the masked decisions were recorded
+
+
+def test_restore_needs_a_traced_pass():
+    with pytest.raises(ValueError, match="trace is empty"):
+        restore(torch.randn(1, 5, 4), tpsvit.Trace())

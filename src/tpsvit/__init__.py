@@ -18,6 +18,16 @@ from tpsvit.trace import LocationTrace, Trace, restore
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # matplotlib is imported only when token maps are asked for
+    if name == "visualize":
+        from tpsvit.viz import visualize
+
+        return visualize
+    raise AttributeError(f"module 'tpsvit' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
     "CheckpointError",
@@ -40,4 +50,5 @@ __all__ = [
     "squeeze_masked",
     "tracing",
     "unpatch",
+    "visualize",
 ]

@@ -18,4 +18,16 @@ def deit_mini_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer
     defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=2)
     hub_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
     defaults.update({k: v for k, v in kwargs.items() if k not in hub_only})
-    return VisionTransformer(**defaults)
+    model = VisionTransformer(**defaults)
+    # What timm.data.resolve_data_config reads: grey 28x28 inputs normalised with Fashion-MNIST statistics.
+    model.pretrained_cfg = model.default_cfg = {
+        "input_size": (defaults["in_chans"], defaults["img_size"], defaults["img_size"]),
+        "mean": (0.2860,) * defaults["in_chans"],
+        "std": (0.3530,) * defaults["in_chans"],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "num_classes": defaults["num_classes"],
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    return model

@@ -69,7 +69,7 @@ class _Runtime:
         masked = self.force_masked or (self.config.spec.learned and model.training)
         self.state = ForwardState(masked=masked)
         if self.trace is not None:
-            self.trace.reset(self.config.method, self.config.num_prefix_tokens, self.grid_size)
+            self.trace.reset(self.config.method, self.config.num_prefix_tokens, self.grid_size, masked)
 
 
 # --------------------------------------------------------------------------------------------------- block mixin

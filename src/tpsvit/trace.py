@@ -51,20 +51,33 @@ class Trace:
     num_patches: int = 0
     grid_size: tuple[int, int] | None = None
     locations: list[LocationTrace] = field(default_factory=list)
+    recorded: bool = False  # a forward pass ran while tracing
+    masked: bool = False  # that pass took the full-length training path, where no token is removed
 
-    def reset(self, method: str, num_prefix: int, grid_size: tuple[int, int] | None) -> None:
+    def reset(self, method: str, num_prefix: int, grid_size: tuple[int, int] | None, masked: bool = False) -> None:
         """Forget the previous forward pass."""
         self.method, self.num_prefix, self.grid_size = method, num_prefix, grid_size
         self.num_patches = 0
         self.locations = []
+        self.recorded, self.masked = True, masked
+
+    def _check_usable(self) -> None:
+        if not self.recorded and not self.locations:
+            raise ValueError("the trace is empty: run a forward pass of the patched model inside tpsvit.tracing()")
+        if self.masked:
+            raise ValueError(
+                f"this trace comes from the masked training path ({self.method} in model.train()), where tokens are "
+                "masked, not removed; trace in model.eval()"
+            )
 
     def assignment(self, upto: int | None = None) -> Tensor:
         """(B, num_patches): the token each original patch ended up in after ``upto`` locations (default: all).
 
         Token indices count patch tokens only (prefix tokens excluded); -1 marks a patch whose token was dropped.
         """
+        self._check_usable()
         if not self.locations:
-            raise ValueError("the trace is empty: run a forward pass of the patched model inside tpsvit.tracing()")
+            raise ValueError("nothing was reduced in the traced pass (keep rate 1?), so there is no assignment")
         steps = self.locations if upto is None else self.locations[:upto]
         first = self.locations[0]
         assign = torch.arange(self.num_patches, device=first.kept.device).expand(first.kept.shape[0], -1)
@@ -86,6 +99,7 @@ def restore(tokens: Tensor, trace: Trace) -> tuple[Tensor, Tensor]:
         feature of the token it survives as or was absorbed into (following hosts through all locations); patches
         dropped outright (DynamicViT) are zeros.
     """
+    trace._check_usable()
     prefix, patches = tokens[:, : trace.num_prefix], tokens[:, trace.num_prefix :]
     if not trace.locations:
         return prefix, patches
