@@ -26,7 +26,7 @@ FLAG_KEYS = {
     "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "limit": "limit", "val_limit": "val_limit",
     "steps": "steps_per_epoch", "workers": "workers", "amp": "amp", "grad_checkpointing": "grad_checkpointing",
     "device": "device", "save_every_steps": "save_every_steps", "eval_every": "eval_every", "img_size": "img_size",
-    "resume": "resume",
+    "resume": "resume", "threads": "threads",
 }
 
 EPILOG = """\
@@ -96,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=int, default=S, help="DataLoader workers per rank (ImageFolder)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N")
+    engine.add_argument("--threads", type=int, default=S, metavar="N",
+                        help="torch CPU threads (default: torch's); on a small shared CPU, 1 avoids thread thrashing")
     engine.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=S)
     engine.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=S,
                         help="recompute the blocks before the first pruning location in backward")

@@ -210,48 +210,67 @@ def folder_transforms(cfg, model, img_size: int):
     return train_tf, eval_tf
 
 
-def check_data(cfg) -> None:
-    """Fail early (before building anything) when the data option cannot name a dataset."""
+@dataclass
+class RawData:
+    """The datasets found for ``cfg.data``, before any model-dependent transform (see :func:`find_data`)."""
+
+    kind: str  # "tensors" or "folder"
+    train: object
+    eval: object
+    classes: list
+    description: str
+
+
+def find_data(cfg) -> RawData:
+    """Open the datasets of ``cfg.data`` and check they hold images (before any model is built)."""
     if _is_fashion_mnist(cfg.data):
         if cfg.augment == "deit":
             raise InvalidArgumentError("augment=deit needs an ImageFolder dataset; Fashion-MNIST takes augment=fmnist "
                                        "(crop + flip on tensors) or none")
-        return
-    if cfg.augment == "fmnist":
-        raise InvalidArgumentError(f"augment=fmnist is for Fashion-MNIST; {cfg.data!r} takes augment=deit or none")
-    _folder_roots(Path(cfg.data).expanduser(), cfg.train_split, cfg.val_split)
-
-
-def build_data(cfg, model, rank: int, world: int, batch_size: int, eval_batch: int, pin_memory: bool) -> DataBundle:
-    """Build training and evaluation batches for ``cfg.data`` at the model's input size and channels."""
-    img_size = int(cfg.img_size or model.patch_embed.img_size[0])
-    in_chans = int(model.patch_embed.proj.in_channels)
-    if _is_fashion_mnist(cfg.data):
         root = None if cfg.data.lower() in FASHION_MNIST_NAMES else Path(cfg.data).expanduser()
         train_set = FashionMNIST(root, train=True, limit=cfg.limit)
         test_set = FashionMNIST(root, train=False, limit=cfg.val_limit)
-        x, y = train_set.tensors()
-        xt, yt = test_set.tensors()
+        if len(train_set) == 0 or len(test_set) == 0:
+            raise DatasetError(f"Fashion-MNIST files in {train_set.root} hold no images")
+        return RawData("tensors", train_set, test_set, list(FASHION_MNIST_CLASSES),
+                       f"Fashion-MNIST {train_set.root} ({len(train_set)} train / {len(test_set)} test images)")
+    if cfg.augment == "fmnist":
+        raise InvalidArgumentError(f"augment=fmnist is for Fashion-MNIST; {cfg.data!r} takes augment=deit or none")
+    train_root, val_root = _folder_roots(Path(cfg.data).expanduser(), cfg.train_split, cfg.val_split)
+    train_set = image_folder(train_root)
+    val_set = train_set if val_root == train_root else image_folder(val_root)
+    for root, dataset in ((train_root, train_set), (val_root, val_set)):
+        if len(dataset) == 0:
+            raise DatasetError(f"image folder {root} has no images; expected root/<class>/<image>")
+    if list(val_set.classes) != list(train_set.classes):
+        raise DatasetError(f"{val_root} has classes that differ from {train_root}; both need the same class folders")
+    if val_set is train_set:
+        import copy
+
+        val_set = copy.copy(train_set)  # same files, its own (evaluation) transform
+    return RawData("folder", train_set, val_set, list(train_set.classes),
+                   f"ImageFolder {train_root} ({len(train_set)} train) / {val_root} ({len(val_set)} eval images)")
+
+
+def build_data(cfg, raw: RawData, model, rank: int, world: int, batch_size: int, eval_batch: int,
+               pin_memory: bool) -> DataBundle:
+    """Batches of ``raw`` at the model's input size and channels, sharded for this rank."""
+    img_size = int(cfg.img_size or model.patch_embed.img_size[0])
+    in_chans = int(model.patch_embed.proj.in_channels)
+    if raw.kind == "tensors":
+        x, y = raw.train.tensors()
+        xt, yt = raw.eval.tensors()
         fill = -FASHION_MNIST_MEAN / FASHION_MNIST_STD  # a black pixel after normalisation
         train = TensorBatches(x, y, batch_size, rank, world, cfg.seed, True, cfg.augment == "fmnist",
                               img_size, in_chans, fill)
         test = TensorBatches(xt, yt, eval_batch, rank, world, cfg.seed, False, False, img_size, in_chans)
-        return DataBundle(train, test, list(FASHION_MNIST_CLASSES),
-                          f"Fashion-MNIST {train_set.root} ({len(y)} train / {len(yt)} test images)")
+        return DataBundle(train, test, raw.classes, raw.description)
     if in_chans != 3:
         raise DatasetError(f"ImageFolder {cfg.data!r} holds RGB images but the model takes {in_chans} channel(s); "
                            "set model_kwargs in_chans=3")
-    train_root, val_root = _folder_roots(Path(cfg.data).expanduser(), cfg.train_split, cfg.val_split)
-    train_tf, eval_tf = folder_transforms(cfg, model, img_size)
-    train_set, val_set = image_folder(train_root, train_tf), image_folder(val_root, eval_tf)
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise DatasetError(f"image folder {str(train_root if not len(train_set) else val_root)!r} has no images")
-    classes = list(train_set.classes)
-    if list(val_set.classes) != classes:
-        raise DatasetError(f"{val_root} has classes that differ from {train_root}; both need the same class folders")
-    train_set, val_set = _spread(train_set, cfg.limit), _spread(val_set, cfg.val_limit)
+    raw.train.transform, raw.eval.transform = folder_transforms(cfg, model, img_size)
+    train_set, val_set = _spread(raw.train, cfg.limit), _spread(raw.eval, cfg.val_limit)
     repeats = cfg.aug_repeats if cfg.augment == "deit" else 1
     train = FolderBatches(train_set, batch_size, rank, world, cfg.seed, True, repeats, cfg.workers, pin_memory)
     test = FolderBatches(val_set, eval_batch, rank, world, cfg.seed, False, 1, cfg.workers, pin_memory)
-    return DataBundle(train, test, classes,
-                      f"ImageFolder {train_root} ({len(train_set)} train) / {val_root} ({len(val_set)} eval images)")
+    return DataBundle(train, test, raw.classes, raw.description)

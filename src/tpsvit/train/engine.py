@@ -34,7 +34,7 @@ from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
 from tpsvit.loading import save_checkpoint
 from tpsvit.train import distributed
 from tpsvit.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
-from tpsvit.train.data_loading import build_data, check_data, mix_seed
+from tpsvit.train.data_loading import build_data, find_data, mix_seed
 from tpsvit.train.losses import (
     accuracy,
     classification_loss,
@@ -81,20 +81,6 @@ def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16 if amp == "fp16" else torch.bfloat16
 
 
-def _num_classes(cfg: TrainConfig) -> int:
-    from tpsvit.train.data_loading import _folder_roots, _is_fashion_mnist
-
-    if _is_fashion_mnist(cfg.data):
-        return 10
-    from torchvision.datasets.folder import find_classes
-
-    root, _ = _folder_roots(Path(cfg.data).expanduser(), cfg.train_split, cfg.val_split)
-    try:
-        return len(find_classes(str(root))[0])
-    except FileNotFoundError as err:
-        raise DatasetError(f"image folder {root} has no class folders ({err}); expected root/<class>/<image>") from None
-
-
 def _machine(device: torch.device) -> str:
     what = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads"
     if device.type == "cuda":
@@ -118,11 +104,11 @@ class Run:
             raise InvalidArgumentError(f"mixup/cutmix need an even per-rank batch, got {self.per_rank}; change "
                                        "batch_size or set mixup=0 cutmix=0")
         self.amp = _resolve_amp(cfg.amp, info.device)
-        check_data(cfg)
-        models = build_models(cfg, _num_classes(cfg))
+        raw = find_data(cfg)
+        models = build_models(cfg, len(raw.classes))
         print_notes(models.notes, info.is_main)
         self.models, self.model, self.teacher = models, models.student, models.teacher
-        self.data = build_data(cfg, self.model, info.rank, info.world_size, self.per_rank, self.per_rank * 2,
+        self.data = build_data(cfg, raw, self.model, info.rank, info.world_size, self.per_rank, self.per_rank * 2,
                                pin_memory=info.device.type == "cuda")
         if len(self.data.classes) != self.model.num_classes:
             raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {self.model.num_classes}")
@@ -486,9 +472,13 @@ def train(config, command: str | None = None) -> dict:
     rescaled (see :mod:`tpsvit.train.recipe`).
     """
     cfg = _as_config(config)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     command = command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     info = distributed.setup(cfg.device)
     try:
         return Run(cfg, info, command).fit()
     finally:
         distributed.teardown(info)
+        torch.set_num_threads(threads)

@@ -90,6 +90,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # only blocks before the first pruning location (see engine docs)
     find_unused_parameters: bool = False  # DDP; needed only if some parameter gets no gradient
     device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch CPU threads (None: torch's default); 1 is much faster on a busy small CPU
     seed: int = 0
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     save_every_steps: int | None = None  # also checkpoint every N optimiser steps (mid-epoch resume)
@@ -103,7 +104,8 @@ class TrainConfig:
 
 
 # Keys that may differ from the checkpoint's when resuming (they do not change the maths of the run).
-RESUME_FREE_KEYS = ("epochs", "workers", "device", "eval_every", "save_every_steps", "out", "resume", "recipe")
+RESUME_FREE_KEYS = ("epochs", "workers", "device", "threads", "eval_every", "save_every_steps", "out", "resume",
+                    "recipe")
 
 
 def valid_keys() -> list[str]:
@@ -248,6 +250,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _number(cfg, "limit", int, low=1, optional=True)
     _number(cfg, "val_limit", int, low=1, optional=True)
     _number(cfg, "workers", int, low=0)
+    _number(cfg, "threads", int, low=1, optional=True)
     _number(cfg, "epochs", int, low=1)
     _number(cfg, "steps_per_epoch", int, low=1, optional=True)
     _number(cfg, "batch_size", int, low=1)

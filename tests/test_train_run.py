@@ -1,0 +1,234 @@
+"""Real training runs on a tiny synthetic Fashion-MNIST: fine-tune lowers the loss, exact resume after SIGKILL,
+two gloo ranks end with identical weights, gradient checkpointing changes nothing, bad input fails before compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import tpsvit
+from tpsvit.cli import main as cli_main
+from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
+from tpsvit.loading import load_model
+from tpsvit.train import train
+from tpsvit.train.modeling import enable_grad_checkpointing
+
+TINY = {"depth": 4, "embed_dim": 32, "num_heads": 2}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_fmnist(folder: Path, n_train: int = 320, n_test: int = 100, seed: int = 0) -> Path:
+    """Fashion-MNIST-layout IDX files of an easy task: class c is noise around brightness 20 c (flip/crop-proof)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28)) + 20 * labels[:, None, None]
+        _write_idx(folder / f"{split}-images-idx3-ubyte", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_fmnist(tmp_path_factory.mktemp("fmnist"))
+
+
+def config(data: Path, out: Path, **over) -> dict:
+    cfg = {"recipe": "fmnist-scratch", "data": str(data), "out": str(out), "model_kwargs": dict(TINY),
+           "batch_size": 32, "epochs": 2, "lr": 2e-3, "warmup_epochs": 0.5, "drop_path": 0.0,
+           "threads": 1}  # one thread: on a busy 2-core machine two threads thrash (10-100x slower)
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def scratch(data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("scratch") / "run"
+    return train(config(data, out, epochs=4))
+
+
+def test_scratch_run_learns_and_writes_everything(scratch):
+    out = Path(scratch["out"])
+    losses = [row["train_loss"] for row in scratch["history"]]
+    assert losses[-1] < losses[0]
+    assert scratch["best_top1"] > 30.0  # 10 classes: chance is 10%
+    assert scratch["global_step"] == 4 * (320 // 32)
+    for name in ("last.pt", "best.safetensors", "final.safetensors", "metrics.csv", "metrics.json", "progress.json"):
+        assert (out / name).is_file(), name
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,global_step,train_loss") and len(rows) == 5
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "epoch", "global_step"} <= set(state)
+    model = load_model(checkpoint=out / "final.safetensors")
+    meta = json.loads(json.dumps(tpsvit.loading.checkpoint_metadata(out / "best.safetensors")))
+    assert meta["seed"] == 0 and meta["test_top1"] == pytest.approx(scratch["best_top1"]) and meta["command"]
+    assert model.embed_dim == 32 and len(model.blocks) == 4
+
+
+def test_dtps_finetune_lowers_loss_and_logs_each_term(scratch, data, tmp_path):
+    results = train(config(
+        data, tmp_path / "ft", recipe="fmnist-finetune", checkpoint=str(Path(scratch["out"]) / "best.safetensors"),
+        method="dtps", locations=[1, 2], keep_rate=0.7, epochs=3, lr=5e-3, warmup_epochs=0,
+    ))
+    history = results["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["loss_keep_ratio"] < history[0]["loss_keep_ratio"]
+    for key in ("loss_ce", "loss_distill", "loss_token", "loss_keep_ratio"):
+        assert history[0][key] > 0, key
+    assert history[-1]["gmacs"] < scratch["history"][-1]["gmacs"]
+    model = load_model(checkpoint=Path(results["final"]))  # rebuilds the patched model with its predictors
+    assert model.tps.method == "dtps" and model.tps.locations == (1, 2)
+    trained = results["model"].state_dict()
+    assert any(k.startswith("tps_predictors.") for k in trained)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key].cpu()), key
+
+
+def _run_args(data: Path, out: Path) -> list[str]:
+    return ["train", "--recipe", "fmnist-scratch", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--batch-size", "8", "--limit", "240", "--val-limit", "40", "--save-every-steps", "2", "--seed", "5",
+            "--set", "model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}", "--method", "dtps",
+            "--locations", "1", "--teacher", "none", "--threads", "1"]
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(data, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tpsvit.cli", *_run_args(data, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, deadline, seen = out / "progress.json", time.time() + 120, None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if progress.exists():
+                seen = json.loads(progress.read_text())
+                if seen["global_step"] >= 6 and seen["step_in_epoch"] > 0:
+                    break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    assert seen is not None and seen["step_in_epoch"] > 0
+    assert not (out / "final.safetensors").exists()
+
+    assert cli_main([*_run_args(data, out), "--resume"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["global_step"] == 3 * (240 // 8)
+    resumed = load_file(out / "final.safetensors")
+    assert load_model(checkpoint=out / "final.safetensors").tps.method == "dtps"
+
+    reference = tmp_path / "straight"
+    assert cli_main(_run_args(data, reference)) == 0
+    straight = load_file(reference / "final.safetensors")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: dict, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    results = train(cfg)
+    torch.save({k: v.detach().clone() for k, v in results["model"].state_dict().items()},
+               Path(folder) / f"rank{rank}.pt")
+
+
+def test_two_gloo_ranks_hold_identical_weights(data, tmp_path):
+    cfg = config(data, tmp_path / "ddp", method="dtps", locations=[1, 2], teacher="auto", distill_weight=0.5,
+                 token_distill_weight=0.5, keep_ratio_weight=2.0, batch_size=16, accum_steps=2, epochs=1,
+                 steps_per_epoch=3, val_limit=40, drop_path=0.1)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    start = load_file(tmp_path / "ddp" / "final.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("tps_predictors.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key in a:  # rank 0 exported the weights it holds
+        assert torch.equal(a[key], start[key]), key
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["summary"]["world_size"] == 2 and metrics["summary"]["global_step"] == 3
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    import timm
+
+    def grads(checkpointed: bool):
+        torch.manual_seed(0)
+        model = timm.create_model("deit_mini_patch4_28", **TINY)
+        tpsvit.patch(model, "dtps", keep_rate=0.5, locations=(2,))
+        if checkpointed:
+            assert enable_grad_checkpointing(model) == 2
+        model.train()
+        torch.manual_seed(1)
+        model(torch.randn(4, 1, 28, 28)).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_batch_not_divisible_by_world_and_accumulation(data, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="not divisible by world size 1 x accum_steps 3"):
+        train(config(data, tmp_path / "x", batch_size=32, accum_steps=3))
+    assert not (tmp_path / "x").exists()
+
+
+def test_dataset_with_no_images(tmp_path):
+    root = tmp_path / "folder"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    with pytest.raises(DatasetError, match="image"):
+        train({"recipe": "imagenet-dtps", "data": str(root), "out": str(tmp_path / "x"), "pretrained": False,
+               "model": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}})
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_for_another_architecture(scratch, data, tmp_path):
+    best = str(Path(scratch["out"]) / "best.safetensors")
+    with pytest.raises(CheckpointError, match="shape mismatch|missing keys"):
+        train(config(data, tmp_path / "x", checkpoint=best, model_kwargs={"depth": 4, "embed_dim": 48}))
+    with pytest.raises(CheckpointError, match="is a 'deit_mini_patch4_28' but model is"):
+        train(config(data, tmp_path / "x", checkpoint=best, model="vit_tiny_patch16_224"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_to_overwrite_a_run_without_resume(scratch, data):
+    with pytest.raises(InvalidArgumentError, match="--resume"):
+        train(config(data, Path(scratch["out"])))
+
+
+def test_cli_prints_one_line_and_exits_2(data, tmp_path, capsys):
+    code = cli_main(["train", "--recipe", "fmnist-scratch", "--data", str(data), "--out", str(tmp_path / "x"),
+                     "--set", "learning_rate=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "unknown key 'learning_rate'" in err and "valid keys:" in err and "lr," in err
