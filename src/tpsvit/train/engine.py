@@ -19,6 +19,7 @@ import random
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,6 +159,9 @@ class Run:
         self.net = _WithFeatures(model)
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
+            # a 1-channel patch embedding's weight has a size-1 dim whose stride autograd lays out differently from
+            # DDP's bucket; harmless, but DDP warns on every step
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.net = DistributedDataParallel(self.net, device_ids=ids,
                                                find_unused_parameters=cfg.find_unused_parameters)
         fused = {"fused": True} if info.device.type == "cuda" else {}

@@ -160,11 +160,22 @@ def parse_set(items: list[str]) -> dict:
         if not sep or not key:
             raise InvalidArgumentError(f"--set expects key=value, got {item!r}")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            out[key] = _number_or_text(yaml.safe_load(raw)) if raw.strip() else None
         except yaml.YAMLError:
             out[key] = raw
     check_keys(out, "--set")
     return out
+
+
+def _number_or_text(value):
+    """YAML 1.1 reads ``1e-3`` as text; take it as the number the user meant."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
 
 
 def resolve(recipe: str | dict | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -1,0 +1,91 @@
+"""Recipes and configuration: shipped YAML files, overrides, validation errors, the CLI's config output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tpsvit.cli import main as cli_main
+from tpsvit.errors import InvalidArgumentError
+from tpsvit.train.distributed import per_rank_batch
+from tpsvit.train.recipe import TrainConfig, load_recipe, parse_set, recipe_names, resolve, valid_keys
+
+
+def test_every_shipped_recipe_resolves():
+    assert {"imagenet-dtps", "imagenet-etps", "fmnist-scratch", "fmnist-finetune"} <= set(recipe_names())
+    for name in recipe_names():
+        cfg = resolve(name, {"data": "fashion-mnist"})
+        assert cfg.recipe == name and set(load_recipe(name)) <= set(valid_keys())
+
+
+def test_imagenet_dtps_is_the_papers_release_recipe():
+    cfg = resolve("imagenet-dtps", {"data": "/data/imagenet"})
+    assert (cfg.model, cfg.pretrained, cfg.method, cfg.keep_rate, cfg.locations) == (
+        "deit_small_patch16_224", True, "dtps", 0.7, [3, 6, 9])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay) == (30, 1024, 2.5e-4, 0.01,
+                                                                                             0.05)
+    assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.auto_augment) == (5, 1e-6, "rand-m9-mstd0.5-inc1")
+    assert (cfg.mixup, cfg.cutmix, cfg.reprob, cfg.smoothing, cfg.color_jitter, cfg.aug_repeats) == (
+        0.8, 1.0, 0.25, 0.1, 0.3, 3)
+    assert (cfg.keep_ratio_weight, cfg.distill_weight, cfg.token_distill_weight, cfg.teacher) == (2.0, 0.5, 0.5, "auto")
+    etps = resolve("imagenet-etps", {"data": "/data/imagenet", "keep_rate_anneal_epochs": 5})
+    assert etps.method == "etps" and etps.keep_rate_anneal_epochs == 5 and etps.keep_ratio_weight == 0
+
+
+def test_set_values_are_yaml_and_override_the_recipe():
+    values = parse_set(["lr=1e-3", "locations=[2, 5]", "model_kwargs={depth: 4}", "clip-grad=null", "method=etps"])
+    assert values == {"lr": 0.001, "locations": [2, 5], "model_kwargs": {"depth": 4}, "clip_grad": None,
+                      "method": "etps"}
+    cfg = resolve("fmnist-scratch", values)
+    assert cfg.lr == 0.001 and cfg.locations == [2, 5] and cfg.method == "etps" and cfg.epochs == 12
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"learning_rate": 1}, "unknown key 'learning_rate'.*valid keys: model, model_kwargs"),
+    ({"method": "prune"}, "method='prune'.*none, etps, dtps, evit, dynamicvit, tome"),
+    ({"epochs": 0}, "epochs=0.*an integer"),
+    ({"lr": -1.0}, "lr=-1.0"),
+    ({"amp": "fp8"}, "amp='fp8'.*auto, none, bf16, fp16"),
+    ({"budget": 1.5}, "budget=1.5"),
+    ({"data": None}, "data is not set"),
+    ({"model_kwargs": {"depth:4": None}}, "space after each colon"),
+    ({"betas": [0.9]}, "betas"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(overrides, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        resolve("fmnist-scratch", overrides)
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("epochs: 3\nwarmup: 1\n")
+    with pytest.raises(InvalidArgumentError, match="unknown key 'warmup' in recipe .*mine.yaml"):
+        resolve(str(path), {"data": "fashion-mnist"})
+    path.write_text("epochs: 3\nbatch_size: 64\ndata: fashion-mnist\n")
+    cfg = resolve(str(path))
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (3, 64, TrainConfig().lr)
+    with pytest.raises(InvalidArgumentError, match="unknown recipe 'nope'"):
+        resolve("nope")
+
+
+def test_batch_must_divide_over_ranks_and_accumulation():
+    assert per_rank_batch(1024, 8, 1) == 128 and per_rank_batch(1024, 8, 2) == 64
+    with pytest.raises(InvalidArgumentError, match="batch_size 1000 is not divisible by world size 16 x accum_steps 1"):
+        per_rank_batch(1000, 16, 1)
+
+
+def test_cli_show_config_applies_flags_and_set(capsys):
+    code = cli_main(["train", "--recipe", "fmnist-finetune", "--method", "etps", "--keep-rate", "0.5",
+                     "--locations", "2", "4", "--steps", "7", "--set", "distill_weight=0", "--show-config"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (cfg["method"], cfg["keep_rate"], cfg["locations"], cfg["steps_per_epoch"], cfg["distill_weight"]) == (
+        "etps", 0.5, [2, 4], 7, 0.0)
+
+
+def test_cli_help_states_the_learning_rate_rule(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "global batch" in text and "never rescaled" in text
