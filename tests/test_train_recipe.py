@@ -89,3 +89,18 @@ def test_cli_help_states_the_learning_rate_rule(capsys):
         cli_main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "global batch" in text and "never rescaled" in text
+
+
+def test_budget_solves_the_keep_rate_before_training():
+    import timm
+
+    from tpsvit.flops import gmacs
+    from tpsvit.train.modeling import apply_method
+
+    model = timm.create_model("deit_mini_patch4_28", depth=4, embed_dim=32, num_heads=2)
+    full = gmacs(model)
+    apply_method(model, resolve("fmnist-finetune", {"method": "dtps", "locations": [1, 2], "budget": 0.6}))
+    assert model.tps.method == "dtps" and model.tps.keep_rate[0] < 1.0
+    assert gmacs(model) <= 0.6 * full
+    with pytest.raises(InvalidArgumentError, match="budget needs a token-reduction method"):
+        resolve("fmnist-scratch", {"budget": 0.5})

@@ -306,21 +306,24 @@ class Run:
             counts = [counts[0] + top1, counts[1] + top5,
                       counts[2] + float(F.cross_entropy(logits.float(), y, reduction="sum")), counts[3] + len(y)]
         counts = distributed.all_reduce_sum(counts, info)
-        gmacs = self._gmacs(x[:1])
+        gmacs = self._gmacs()
         model.train()
         n = max(1.0, counts[3])
         return {"test_top1": 100.0 * counts[0] / n, "test_top5": 100.0 * counts[1] / n,
                 "test_loss": counts[2] / n, "gmacs": gmacs}
 
-    def _gmacs(self, one: torch.Tensor) -> float:
+    def _gmacs(self) -> float:
+        embed = self.model.patch_embed
+        img_size = int(self.cfg.img_size or embed.img_size[0])
         try:
             from tpsvit.flops import gmacs
 
-            return float(gmacs(self.model, img_size=one.shape[-1]))
+            return float(gmacs(self.model, img_size=img_size))
         except Exception:  # no analytic count for this model: count the real forward (FLOPs / 2)
             pass
         from torch.utils.flop_counter import FlopCounterMode
 
+        one = torch.zeros(1, embed.proj.in_channels, img_size, img_size, device=self.info.device)
         with FlopCounterMode(display=False) as counter:
             self.model(one)
         return counter.get_total_flops() / 2 / 1e9
