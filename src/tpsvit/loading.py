@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import timm
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from tpsvit.atomic import atomic_write
 from tpsvit.errors import CheckpointError, InvalidArgumentError
 from tpsvit.patch import is_patched, patch
 
@@ -76,16 +76,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, model_name: str, 
     path = Path(path)
     meta = {"model": model_name, "model_kwargs": model_kwargs or {}, "patch": patch_spec(model), **provenance}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tpsvit.atomic import atomic_write
 from tpsvit.errors import CheckpointError
 
 STATE_FILE = "last.pt"
@@ -50,26 +50,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_state(out: str | os.PathLike, state: dict) -> Path:
     """Write ``out/last.pt`` atomically (temp file + os.replace) and update ``out/progress.json``."""
     out = Path(out)
     path = out / STATE_FILE
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     progress = {k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "epochs", "steps_per_epoch")}
     progress["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _atomic_write(out / PROGRESS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(progress) + "\n"))
+    atomic_write(out / PROGRESS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(progress) + "\n"))
     return path
 
 
