@@ -58,6 +58,14 @@ def test_token_distillation_masked_path_ignores_dropped_tokens():
     assert token_distillation(student, teacher, policy=policy).item() == pytest.approx((1 + 1 + 9 + 9) / 4)
 
 
+def test_token_distillation_gives_the_keep_mask_no_gradient():
+    """The mask selects tokens; a gradient through it would teach predictors to keep easy (background) tokens."""
+    student, teacher = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    policy = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    loss = token_distillation(student, teacher, policy=policy)
+    assert not loss.requires_grad or torch.autograd.grad(loss, policy, allow_unused=True)[0] is None
+
+
 def test_token_distillation_gather_path_uses_positions():
     teacher = torch.arange(8.0).reshape(1, 4, 2)  # token i = (2i, 2i+1)
     student = torch.tensor([[[6.0, 7.0], [0.0, 1.0], [50.0, 50.0]]])  # grid tokens 3 and 0, then a fused token

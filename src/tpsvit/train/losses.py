@@ -43,7 +43,9 @@ def token_distillation(student_tokens: Tensor, teacher_tokens: Tensor, *, policy
     """
     student_tokens, teacher_tokens = student_tokens.float(), teacher_tokens.float()
     if policy is not None:
-        keep = policy.to(student_tokens.dtype).unsqueeze(-1)
+        # The mask only selects tokens: a gradient through it would teach the predictor to keep the tokens that are
+        # easiest to match (background), not the ones that matter.
+        keep = policy.detach().to(student_tokens.dtype).unsqueeze(-1)
         diff = (student_tokens - teacher_tokens).pow(2) * keep
         return diff.sum() / (keep.sum() * student_tokens.shape[-1]).clamp_min(1.0)
     if positions is not None:
