@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--robustness", action="store_true", help="also the random-scorer robustness analysis")
     p.add_argument("--out", default="runs/reproduction", help="folder for the fine-tuning runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
     p.add_argument("--json", help="save the results here")
     p.add_argument("--plot", help="save accuracy-vs-GMACs (fine-tuned) here")
     return p.parse_args(argv)
@@ -60,7 +61,7 @@ def fine_tune(args, variant, index: int) -> torch.nn.Module:
     """One run of the shared recipe for a variant; returns the fine-tuned model."""
     overrides = {"recipe": "fmnist-finetune", "checkpoint": args.checkpoint, "method": variant.method,
                  "locations": list(variant.locations or range(12)), "epochs": args.epochs,
-                 "limit": args.train_limit, "val_limit": 1000, "seed": args.seed,
+                 "limit": args.train_limit, "val_limit": 1000, "seed": args.seed, "threads": args.threads,
                  "out": f"{args.out}/{index:02d}-{variant.method}-{variant.budget.split()[0].rstrip('%')}"}
     if variant.r is not None:
         overrides.update(r=variant.r, keep_rate=1.0)
@@ -74,6 +75,7 @@ def fine_tune(args, variant, index: int) -> torch.nn.Module:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     base = load_model(checkpoint=args.checkpoint).eval()
     data = FashionMNIST(train=False, limit=args.test_limit).tensors()
