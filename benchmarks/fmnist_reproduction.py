@@ -37,6 +37,9 @@ from tpsvit.train import train
 COLUMNS = [("method", "method", ""), ("budget", "budget", ""), ("amount", "keep / r", ""), ("gmacs", "GMACs", ".4g"),
            ("off_the_shelf", "off-the-shelf top-1 %", ".2f"), ("fine_tuned", "fine-tuned top-1 %", ".2f")]
 
+ROBUSTNESS_COLUMNS = [("budget", "budget", ""), ("pair", "scorer", ""), ("squeeze", "squeeze top-1 %", ".2f"),
+                      ("prune", "prune top-1 %", ".2f"), ("gain", "gain", "+.2f")]
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
     p.add_argument("--json", help="save the results here")
     p.add_argument("--plot", help="save accuracy-vs-GMACs (fine-tuned) here")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="no runs: merge saved results (e.g. of parallel runs over different methods), print, plot")
     return p.parse_args(argv)
 
 
@@ -75,6 +80,8 @@ def fine_tune(args, variant, index: int) -> torch.nn.Module:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return merge(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     base = load_model(checkpoint=args.checkpoint).eval()
@@ -101,18 +108,36 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args), "rows": rows}
     if args.robustness:
         report["robustness"] = robustness(base, data, args.budgets)
-        print(format_table(report["robustness"], [("budget", "budget", ""), ("pair", "scorer", ""),
-                                                  ("squeeze", "squeeze top-1 %", ".2f"),
-                                                  ("prune", "prune top-1 %", ".2f"), ("gain", "gain", "+.2f")]))
+        print(format_table(report["robustness"], ROBUSTNESS_COLUMNS))
     report["seconds"] = time.perf_counter() - start
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot and not args.no_finetune:
-        plot_rows = [{"method": None if r["method"] == "unpatched" else r["method"], "gmacs": r["gmacs"],
-                      "top1": r["off_the_shelf"] if r["method"] == "unpatched" else r["fine_tuned"]} for r in rows]
-        plot_accuracy_vs_gmacs(plot_rows, args.plot, title="mini-DeiT on Fashion-MNIST, fine-tuned")
+        plot(rows, args.plot)
     print(f"done in {report['seconds'] / 60:.1f} min")
+    return 0
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Fine-tuned top-1 vs GMACs, one line per method, the unpatched model as a star."""
+    points = [{"method": None if r["method"] == "unpatched" else r["method"], "gmacs": r["gmacs"],
+               "top1": r["off_the_shelf"] if r["method"] == "unpatched" else r["fine_tuned"]} for r in rows]
+    plot_accuracy_vs_gmacs(points, path, title="mini-DeiT on Fashion-MNIST, fine-tuned (one shared short recipe)")
+
+
+def merge(args) -> int:
+    """Print (and plot) the rows of several saved runs as one table; the unpatched row is taken once."""
+    reports = [json.loads(Path(p).read_text()) for p in args.from_json]
+    rows = [reports[0]["rows"][0]] + [r for rep in reports for r in rep["rows"] if r["method"] != "unpatched"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows[1:] = sorted(rows[1:], key=lambda r: (-float(r["budget"].rstrip("%")), order[r["method"]]))
+    print(format_table(rows, COLUMNS))
+    for rep in reports:
+        if "robustness" in rep:
+            print(format_table(rep["robustness"], ROBUSTNESS_COLUMNS))
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 
