@@ -1,9 +1,9 @@
-import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fmnist_files import idx_bytes, write_idx
 from PIL import Image
 
 from tpsvit import data
@@ -20,21 +20,6 @@ from tpsvit.data import (
     resize_and_expand,
 )
 from tpsvit.errors import DatasetError
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray) -> Path:
-    payload = idx_bytes(array)
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
 
 
 def make_fmnist(directory: Path, n_train=12, n_test=10, gz=False):

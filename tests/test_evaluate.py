@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_vit
+from fmnist_files import write_fashion_mnist
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,20 +21,9 @@ from tpsvit.loading import save_checkpoint
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
 
 
-def write_idx(path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def fmnist_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    for split, n in (("train", 8), ("t10k", 24)):
-        write_idx(root / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    return root
+    return write_fashion_mnist(tmp_path / "fmnist", n_train=8, n_test=24)
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fmnist_files import write_fashion_mnist
 from PIL import Image
-from test_train_run import config, write_fmnist
+from test_train_run import config
 
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.train import train
@@ -46,7 +47,7 @@ def test_imagefolder_etps_with_deit_augmentation_mixup_and_annealing(tmp_path):
 
 
 def test_bf16_grad_checkpointing_clipping_and_accumulation_run(tmp_path):
-    data = write_fmnist(tmp_path / "fmnist", n_train=64, n_test=16)
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=16)
     results = train(config(data, tmp_path / "run", method="dtps", locations=[2, 3], amp="bf16",
                            grad_checkpointing=True, clip_grad=1.0, accum_steps=2, batch_size=16, epochs=1,
                            keep_ratio_weight=2.0))
@@ -58,7 +59,7 @@ def test_bf16_grad_checkpointing_clipping_and_accumulation_run(tmp_path):
 
 
 def test_resume_refuses_a_changed_setting(tmp_path):
-    data = write_fmnist(tmp_path / "fmnist", n_train=32, n_test=8)
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=32, n_test=8)
     out = tmp_path / "run"
     train(config(data, out, epochs=1, batch_size=16))
     with pytest.raises(InvalidArgumentError, match=r"--resume: lr=0\.1 differs from the run being resumed"):

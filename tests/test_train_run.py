@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fmnist_files import write_fashion_mnist
 from safetensors.torch import load_file
 
 import tpsvit
@@ -28,26 +28,9 @@ from tpsvit.train.modeling import enable_grad_checkpointing
 TINY = {"depth": 4, "embed_dim": 32, "num_heads": 2}
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_fmnist(folder: Path, n_train: int = 320, n_test: int = 100, seed: int = 0) -> Path:
-    """Fashion-MNIST-layout IDX files of an easy task: class c is noise around brightness 20 c (flip/crop-proof)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 28, 28)) + 20 * labels[:, None, None]
-        _write_idx(folder / f"{split}-images-idx3-ubyte", images)
-        _write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_fmnist(tmp_path_factory.mktemp("fmnist"))
+    return write_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
 
 
 def config(data: Path, out: Path, **over) -> dict:

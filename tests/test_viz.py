@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import timm
 import torch
 from conftest import tiny_vit
+from fmnist_files import write_fashion_mnist
 from PIL import Image
 from test_restore import hand_trace
 
@@ -148,22 +146,10 @@ def test_bad_arguments(model, images, kwargs, error, pattern):
 # --------------------------------------------------------------------------------------------- the command
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def fmnist(tmp_path):
     """Synthetic Fashion-MNIST: four gzipped IDX files, 4 train and 5 test images."""
-    folder = tmp_path / "fmnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("t10k", 5)):
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return folder
+    return write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=5, gz=True)
 
 
 @pytest.fixture

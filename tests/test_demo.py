@@ -1,0 +1,32 @@
+import csv
+
+from fmnist_files import write_fashion_mnist
+
+from tpsvit.cli import main
+
+
+def test_demo_runs_on_the_shipped_models(tmp_path, capsys):
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=40)
+    out = tmp_path / "demo"
+    code = main(["demo", "--data", str(data), "--methods", "etps", "dtps", "tome", "--budgets", "0.5",
+                 "--out", str(out), "--no-progress", "--batch-size", "16"])
+    assert code == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["name"] for r in rows] == ["unpatched", "etps", "dtps", "tome"]
+    statuses = {r["name"]: r["status"] for r in rows}
+    assert statuses["etps"] == "off-the-shelf" and statuses["dtps"].startswith("fine-tuned")
+    gmacs = {r["name"]: float(r["gmacs"]) for r in rows}
+    assert all(gmacs[m] <= 0.5 * gmacs["unpatched"] for m in ("etps", "dtps", "tome"))
+    assert all(int(r["count"]) == 40 for r in rows)
+    assert (out / "accuracy_vs_gmacs.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "token_maps").iterdir()) == [
+        "test_0000_dtps.png", "test_0000_etps.png", "test_0000_tome.png"]
+    assert "50% budget" in capsys.readouterr().out
+
+
+def test_demo_rejects_a_bad_budget(tmp_path, capsys):
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=8)
+    assert main(["demo", "--data", str(data), "--budgets", "1.5", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget 1.5 is outside (0, 1]" in err[0]
