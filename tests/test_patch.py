@@ -151,6 +151,15 @@ def test_repatching_unpatches_first_and_keeps_trained_predictors(images):
     assert not tpsvit.is_patched(model)
 
 
+def test_a_bad_repatch_leaves_the_patched_model_as_it_was():
+    model = tiny_vit()
+    tpsvit.patch(model, "dtps", keep_rate=0.7, locations=(1, 3))
+    trained = model.tps_predictors["3"]
+    with pytest.raises(ValueError, match="outside"):
+        tpsvit.patch(model, "dtps", keep_rate=2.0, locations=(1, 3))
+    assert model.tps.keep_rate == (0.7, 0.7) and model.tps_predictors["3"] is trained
+
+
 def test_set_keep_rate_changes_the_schedule_not_the_weights(images):
     model = tiny_vit()
     tpsvit.patch(model, "dtps", keep_rate=0.9, locations=(1, 3, 4))

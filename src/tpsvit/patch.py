@@ -56,7 +56,7 @@ class ForwardState:
 
 
 class _Runtime:
-    """Shared by a patched model and its blocks: the config, the learned predictors and the current forward state."""
+    """Shared by a patched model and its blocks: the config, the trace and the current forward state."""
 
     def __init__(self, config: TPSConfig, grid_size):
         self.config = config
@@ -309,8 +309,6 @@ def patch(
     Re-patching a patched model unpatches it first; learned predictors at locations that stay are kept.
     """
     _check_model(model)
-    previous = getattr(model, PREDICTORS, None) if is_patched(model) else None
-    unpatch(model)
     config = make_config(
         method, len(model.blocks), int(model.num_prefix_tokens), keep_rate, locations, r, temperature, scorer
     )
@@ -319,6 +317,8 @@ def patch(
             f"method {config.method!r} scores tokens by class-token attention, but this model has no class token; "
             "use 'dtps', 'dynamicvit' or 'tome'"
         )
+    previous = getattr(model, PREDICTORS, None) if is_patched(model) else None
+    unpatch(model)  # only once the new patch is known to be valid: a bad call leaves the model as it was
     runtime = _Runtime(config, _grid_size(model))
     predictors = _make_predictors(model, config, previous)
     model.__class__ = _subclass(type(model), _TPSModel)
