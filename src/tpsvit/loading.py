@@ -86,10 +86,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
+        meta = checkpoint_metadata(path)
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                raw = (handle.metadata() or {}).get(META_KEY)
-            return load_file(str(path)), json.loads(raw) if raw else {}
+            return load_file(str(path)), meta
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from None
     try:
@@ -159,5 +158,15 @@ def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = N
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict:
-    """The tpsvit metadata of a checkpoint (empty when it has none)."""
-    return read_weights(path)[1]
+    """The tpsvit metadata of a checkpoint (empty when it has none); a safetensors file is read header only."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return read_weights(path)[1]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(META_KEY)
+        return json.loads(raw) if raw else {}
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from None

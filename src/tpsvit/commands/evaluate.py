@@ -28,6 +28,7 @@ from tpsvit.data import FashionMNIST, build_dataset, num_classes_of
 from tpsvit.errors import DatasetError
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
 from tpsvit.flops import gmacs
+from tpsvit.loading import checkpoint_metadata
 from tpsvit.methods import get_method
 from tpsvit.patch import PREDICTORS, is_patched
 
@@ -59,25 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (default: fp32)")
     parser.add_argument("--out", metavar="DIR", help="write results.csv, results.json and accuracy_vs_gmacs.png here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _checkpoint_meta(path: str | None) -> dict:
-    """tpsvit metadata of a checkpoint, read without loading the tensors when it is safetensors."""
-    if path is None:
-        return {}
-    if str(path).endswith(".safetensors"):
-        import json
-
-        from safetensors import safe_open
-
-        from tpsvit.loading import META_KEY
-
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(META_KEY)
-        return json.loads(raw) if raw else {}
-    from tpsvit.loading import checkpoint_metadata
-
-    return checkpoint_metadata(path)
 
 
 def weights_status(variant: Variant, base, meta: dict) -> str:
@@ -139,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
         checkpoint = args.checkpoint = str(demo_checkpoint())
     base = load_base_model(args, default_model=None)  # reads and checks the checkpoint first
-    meta = _checkpoint_meta(checkpoint)
+    meta = checkpoint_metadata(checkpoint) if checkpoint else {}
     data, description, classes = load_data(args, base)
     model_classes = getattr(base, "num_classes", classes)
     if classes > model_classes:

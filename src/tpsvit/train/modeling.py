@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import tpsvit
 from tpsvit.errors import CheckpointError, InvalidArgumentError
-from tpsvit.loading import create_model, load_model, read_weights
+from tpsvit.loading import checkpoint_metadata, create_model, load_model
 
 
 @dataclass
@@ -43,7 +43,7 @@ def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, b
     kwargs = dict(cfg.model_kwargs)
     train_only = {"drop_path_rate": cfg.drop_path} if "drop_path_rate" not in kwargs else {}
     if cfg.checkpoint is not None:
-        _, meta = read_weights(cfg.checkpoint)
+        meta = checkpoint_metadata(cfg.checkpoint)
         recorded = meta.get("model")
         if recorded and recorded != cfg.model:
             raise CheckpointError(f"checkpoint {cfg.checkpoint!r} is a {recorded!r} but model is {cfg.model!r}; "
