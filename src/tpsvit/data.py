@@ -306,13 +306,12 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None):
 
 
 def imagefolder_transform(model: torch.nn.Module | None = None, train: bool = False, img_size: int = 224):
-    """timm's transform for ``model`` (its pretrained data config), or timm defaults at img_size."""
+    """timm's transform at ``img_size`` with ``model``'s data config (mean, std, interpolation, crop), or timm's
+    defaults without a model. The size is always ``img_size``: a model built at another size than its pretrained
+    config still gets the images it takes."""
     import timm.data
 
-    if model is not None:
-        cfg = timm.data.resolve_data_config({}, model=model)
-    else:
-        cfg = timm.data.resolve_data_config({"input_size": (3, img_size, img_size)})
+    cfg = timm.data.resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
     return timm.data.create_transform(**cfg, is_training=train)
 
 

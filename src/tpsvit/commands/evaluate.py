@@ -85,15 +85,6 @@ def weights_status(variant: Variant, base, meta: dict) -> str:
     return "off-the-shelf"
 
 
-def _fit_transform(dataset, model, size: tuple[int, int, int]) -> None:
-    """timm's transform follows the model's pretrained config; a model built at another size needs that size."""
-    import timm.data
-
-    if timm.data.resolve_data_config({}, model=model)["input_size"] != size:
-        config = timm.data.resolve_data_config({"input_size": size}, model=model)
-        dataset.transform = timm.data.create_transform(**config, is_training=False)
-
-
 def load_data(args: argparse.Namespace, model):
     """(in-memory tensors or a DataLoader, dataset description, number of classes)."""
     chans, h, w = input_size(model)
@@ -108,7 +99,6 @@ def load_data(args: argparse.Namespace, model):
     classes = num_classes_of(dataset)
     if isinstance(dataset, FashionMNIST):
         return dataset.tensors(), f"Fashion-MNIST {args.split} ({dataset.root})", classes
-    _fit_transform(dataset, model, (chans, h, w))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=torch.cuda.is_available())
     return loader, f"ImageFolder {data}", classes

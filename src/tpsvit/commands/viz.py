@@ -199,9 +199,6 @@ def dataset_samples(data: str, split: str, index: list[int] | None, samples: int
     if isinstance(dataset, FashionMNIST):
         mean, std = (FASHION_MNIST_MEAN,) * chans, (FASHION_MNIST_STD,) * chans
     else:
-        import timm.data
-
-        dataset.transform = timm.data.create_transform(**cfg)  # the model's real input size
         mean, std = cfg["mean"], cfg["std"]
     index = list(range(len(dataset))) if index is None else index
     for i in index:
