@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import tpsvit
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
+from tpsvit.flops import counted_gmacs, gmacs
 from tpsvit.loading import save_checkpoint
 from tpsvit.train import distributed
 from tpsvit.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
@@ -316,17 +317,9 @@ class Run:
         embed = self.model.patch_embed
         img_size = int(self.cfg.img_size or embed.img_size[0])
         try:
-            from tpsvit.flops import gmacs
-
             return float(gmacs(self.model, img_size=img_size))
-        except Exception:  # no analytic count for this model: count the real forward (FLOPs / 2)
-            pass
-        from torch.utils.flop_counter import FlopCounterMode
-
-        one = torch.zeros(1, embed.proj.in_channels, img_size, img_size, device=self.info.device)
-        with FlopCounterMode(display=False) as counter:
-            self.model(one)
-        return counter.get_total_flops() / 2 / 1e9
+        except Exception:  # no analytic count for this model: count the real forward
+            return counted_gmacs(self.model, img_size=img_size)
 
     # ------------------------------------------------------------------------------------------------ saving
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import tpsvit
+from tpsvit.budget import solve_keep_rate, solve_tome_r
 from tpsvit.errors import CheckpointError, InvalidArgumentError
 from tpsvit.loading import checkpoint_metadata, create_model, load_model
 
@@ -66,10 +67,6 @@ def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, b
 
 def _solve_budget(cfg, model) -> dict:
     """keep_rate (or ToMe's r) meeting ``cfg.budget`` (fraction of the unpatched GMACs), via tpsvit.budget."""
-    try:
-        from tpsvit.budget import solve_keep_rate, solve_tome_r
-    except ImportError:
-        raise InvalidArgumentError("budget needs tpsvit.budget, which this installation lacks; set keep_rate") from None
     img_size = cfg.img_size
     if cfg.method == "tome" and cfg.r is not None:
         return {"keep_rate": 1.0, "r": solve_tome_r(model, budget=cfg.budget, img_size=img_size)}
