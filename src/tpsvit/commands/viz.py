@@ -120,11 +120,11 @@ def _single(values):
 
 
 def _demo_checkpoint(method: str | None) -> Path:
-    try:
-        from tpsvit.assets import FINETUNED, demo_checkpoint
+    from tpsvit.assets import FINETUNED, demo_checkpoint
 
+    try:
         return demo_checkpoint(method if method in FINETUNED else None)
-    except (ImportError, CheckpointError):
+    except CheckpointError:
         raise InvalidArgumentError(
             "no model given and the shipped demo model is missing from tpsvit/assets; pass --model NAME (timm) "
             "or --checkpoint FILE"
