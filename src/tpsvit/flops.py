@@ -6,8 +6,8 @@ What is counted (multiply-accumulates per image, the convention of the token-red
 * per block: the attention's linear layers (qkv, proj) on the tokens attention sees, the two attention products
   (``q @ k^T`` and ``attn @ v``, N^2 x heads x head_dim each) and the MLP's linear layers on the tokens the MLP sees;
 * per reduction step: the scorer (the class-token attention row ``q_cls @ K^T``: N x heads x head_dim; the learned
-  predictor's linear layers on every patch token; ToMe's bipartite matching: ceil(n/2) x floor(n/2) x head_dim) and
-  TPS's squeeze similarity (pruned x reserved x C).
+  predictor's linear layers on every patch token; ToMe's bipartite matching: ceil(t/2) x floor(t/2) x head_dim over
+  all t tokens, prefix included) and TPS's squeeze similarity (pruned x reserved x C).
 
 Elementwise work (norms, softmax, GELU, residual adds, the squeeze/EViT/ToMe weighted sums) is not counted, as in the
 papers and as :class:`torch.utils.flop_counter.FlopCounterMode` does not count it either: the analytic matmul terms
@@ -176,7 +176,8 @@ def _reduction_macs(shape: ViTShape, config: TPSConfig, n: int, reduction: dict)
     spec = config.spec
     if spec.reducer == "merge":
         r = tome_merge_count(n, **reduction)
-        return (math.ceil(n / 2) * (n // 2) * shape.head_dim if r > 0 else 0), 0
+        t = shape.num_prefix_tokens + n  # the split alternates over the whole sequence, prefix included
+        return (math.ceil(t / 2) * (t // 2) * shape.head_dim if r > 0 else 0), 0
     k = keep_count(n, reduction["keep_rate"])
     if k >= n:
         return 0, 0

@@ -155,8 +155,7 @@ def _reduce(block: nn.Module, x: Tensor, runtime: _Runtime) -> Tensor:
         r = tome_merge_count(n, **reduction)
         if r == 0:
             return x
-        size = state.size[:, prefix_len:] if state.size is not None else None
-        result = bipartite_merge(patches, mean_keys(block.attn, qkv)[:, prefix_len:], size, r)
+        result = bipartite_merge(x, mean_keys(block.attn, qkv), state.size, r, prefix_len)
         state.size = torch.cat([x.new_ones(batch, prefix_len, 1), result.size], dim=1)
     else:
         k = keep_count(n, reduction["keep_rate"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tpsvit.squeeze import squeeze_with_hosts
@@ -55,31 +54,70 @@ def fuse_one_reduce(x: Tensor, kept: Tensor, pruned: Tensor, scores: Tensor) -> 
     return Reduction(torch.cat([gather_tokens(x, kept), fused], dim=1), kept, pruned, host, extra=1)
 
 
-def bipartite_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int) -> Reduction:
-    """ToMe: split tokens alternately into sets A and B, merge the ``r`` A tokens most similar to some B token.
+def bipartite_split(length: int, num_prefix: int, device=None) -> tuple[Tensor, Tensor]:
+    """ToMe's two sets over a whole sequence of ``length`` tokens, prefix tokens included: (A, B) sequence indices.
 
-    Merging is a size-weighted mean; ``size`` (B, N, 1) counts the original tokens each token stands for.
-    Output order: the unmerged A tokens, then every B token.
+    As in the authors' release, the split alternates over the *whole* sequence: A = even positions, B = odd ones.
+    With a class token at position 0, the patch tokens at odd sequence positions (patch index 1, 3, ...) are in A
+    (the sources that may merge away) and those at even positions are in B (the destinations).
     """
-    batch, n, _ = x.shape
-    r = min(r, n // 2)
+    return torch.arange(0, length, 2, device=device), torch.arange(1, length, 2, device=device)
+
+
+def bipartite_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, num_prefix: int = 0) -> Reduction:
+    """ToMe's bipartite soft matching, with the semantics of the authors' release.
+
+    Args:
+        x: (B, T, C) the whole sequence, prefix tokens first.
+        metric: (B, T, D) the similarity metric (keys averaged over heads).
+        size: (B, T, 1) original tokens each token stands for, or None (all ones).
+        r: tokens to merge away, capped at ``(T - num_prefix) // 2``.
+        num_prefix: leading class / distillation / register tokens; never merged and never merged into.
+
+    The sequence is split alternately into A (even positions) and B (odd positions), see :func:`bipartite_split`.
+    Each A token finds its most cosine-similar B token; the ``r`` A tokens with the highest such similarity merge
+    into their B token as a size-weighted mean. Prefix tokens in A never merge, and nothing merges into a prefix
+    token in B (the release protects the class token and the distillation token this way; register tokens are
+    protected the same way here). Output order, as in the release: the prefix tokens in their order, then the
+    unmerged A tokens in sequence order (in descending similarity order when there are no prefix tokens, as the
+    release leaves them), then every B token.
+
+    Returns a :class:`Reduction` on the patch tokens (indices exclude the prefix), with ``tokens`` and ``size`` the
+    output patch tokens (prefix tokens are unchanged and keep size 1).
+    """
+    batch, length, channels = x.shape
+    n = length - num_prefix
+    r = max(0, min(r, n // 2))
     if size is None:
-        size = x.new_ones(batch, n, 1)
-    a_idx = torch.arange(0, n, 2, device=x.device)
-    b_idx = torch.arange(1, n, 2, device=x.device)
-    unit = F.normalize(metric.float(), dim=-1)
-    similarity = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
-    best, best_b = similarity.max(dim=-1)
-    order = best.argsort(dim=1, descending=True)
-    src, unmerged = order[:, :r], order[:, r:].sort(dim=1).values
+        size = x.new_ones(batch, length, 1)
+    a_idx, b_idx = bipartite_split(length, num_prefix, x.device)
+    a_prefix, b_prefix = (num_prefix + 1) // 2, num_prefix // 2  # protected tokens at the head of A and of B
+
+    unit = metric.float()
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    scores = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
+    scores[:, :a_prefix, :] = float("-inf")  # prefix tokens in A are never sources
+    scores[:, :, :b_prefix] = float("-inf")  # nothing merges into a prefix token in B
+    best, best_b = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src, unmerged = order[:, :r], order[:, r:]
+    if num_prefix > 0:
+        unmerged = unmerged.sort(dim=-1).values  # prefix tokens (-inf) come first again, the rest in sequence order
     dst = best_b.gather(1, src)
 
-    weighted = (x * size)[:, a_idx]
-    dst_index = dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    b_sum = (x * size)[:, b_idx].scatter_add(1, dst_index, gather_tokens(weighted, src))
-    b_size = size[:, b_idx].scatter_add(1, dst.unsqueeze(-1), size[:, a_idx].gather(1, src.unsqueeze(-1)))
-    tokens = torch.cat([gather_tokens(x[:, a_idx], unmerged), b_sum / b_size], dim=1)
-    new_size = torch.cat([size[:, a_idx].gather(1, unmerged.unsqueeze(-1)), b_size], dim=1)
+    weighted = x * size
+    a_w, b_w = weighted[:, a_idx], weighted[:, b_idx]
+    b_w = b_w.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, channels), gather_tokens(a_w, src))
+    a_size, b_size = size[:, a_idx], size[:, b_idx]
+    b_size = b_size.scatter_add(1, dst.unsqueeze(-1), a_size.gather(1, src.unsqueeze(-1)))
+    a_unm = gather_tokens(a_w, unmerged)
+    a_unm_size = a_size.gather(1, unmerged.unsqueeze(-1))
 
-    kept = torch.cat([a_idx[unmerged], b_idx.expand(batch, -1)], dim=1)
-    return Reduction(tokens, kept, a_idx[src], unmerged.shape[1] + dst, size=new_size)
+    # patch tokens out: unmerged A patches, then B patches (the prefix tokens ahead of them are unchanged)
+    tokens = torch.cat([a_unm[:, a_prefix:], b_w[:, b_prefix:]], dim=1)
+    new_size = torch.cat([a_unm_size[:, a_prefix:], b_size[:, b_prefix:]], dim=1)
+    num_unmerged = unmerged.shape[1] - a_prefix
+    kept = torch.cat([a_idx[unmerged[:, a_prefix:]], b_idx[b_prefix:].expand(batch, -1)], dim=1) - num_prefix
+    pruned = a_idx[src] - num_prefix
+    host = num_unmerged + dst - b_prefix
+    return Reduction(tokens / new_size, kept, pruned, host, size=new_size)
