@@ -29,6 +29,8 @@ FASHION_MNIST_CLASSES = (
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 FASHION_MNIST_NAMES = ("fashion-mnist", "fmnist", "fashion_mnist")
+CLUTTERED_NAMES = ("fashion-mnist-cluttered", "fmnist-cluttered", "cluttered")
+DATASET_NAMES = ("fashion-mnist", "fashion-mnist-cluttered")
 IDX_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
@@ -206,8 +208,37 @@ class FashionMNIST(Dataset):
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split as (normalized float images N x 1 x H x W, long labels N); ignores transform."""
-        images = self.images.unsqueeze(1).float().div_(255)
-        return images.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD), self.labels.clone()
+        return normalize_uint8(self.images), self.labels.clone()
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 grey images (B, H, W) -> float (B, 1, H, W) normalised with the Fashion-MNIST statistics."""
+    return images.unsqueeze(1).float().div_(255).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+
+
+class ClutteredFashionMNIST(FashionMNIST):
+    """Fashion-MNIST garments on a larger canvas among clutter (see :mod:`tpsvit.cluttered`).
+
+    ``images`` are the split's fixed cluttered composition (uint8, N x canvas x canvas; the test split's is the
+    benchmark, the training split's is for calibration and evaluation); ``garments`` are the 28x28 originals that
+    training composes anew per batch (:meth:`compose`). ``limit`` keeps the first N of the fixed composition.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, train: bool = True,
+                 transform: Callable | None = None, limit: int | None = None, spec=None):
+        from tpsvit.cluttered import TEST_SEED, TRAIN_VIEW_SEED, ClutterSpec, compose_fixed
+
+        _check_limit(limit)
+        super().__init__(root, train, transform, None)
+        self.spec = spec or ClutterSpec()
+        self.garments = self.images
+        composed = compose_fixed(self.garments, TRAIN_VIEW_SEED if train else TEST_SEED, self.spec)
+        self.images, self.labels = composed[:limit], self.labels[:limit]
+        self.garments = self.garments[:limit] if train else self.garments
+
+    def compose(self, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A fresh cluttered uint8 batch (B, canvas, canvas) of the garments ``index`` (random flip, new clutter)."""
+        return self.spec.compose(self.garments[index], self.garments, gen, flip=True)
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -333,17 +364,20 @@ def build_dataset(name_or_path: str | os.PathLike, train: bool, img_size: int, i
                   model: torch.nn.Module | None = None, limit: int | None = None) -> Dataset:
     """Build a dataset with ``.classes`` from a name or a path.
 
-    Accepted: "fashion-mnist" / "fmnist" (found as in ``find_fashion_mnist``); a directory holding the
+    Accepted: "fashion-mnist" / "fmnist" (found as in ``find_fashion_mnist``); "fashion-mnist-cluttered" (the same
+    files, see :class:`ClutteredFashionMNIST`); a directory holding the
     Fashion-MNIST IDX files (or ``FashionMNIST/raw`` below it); an ImageFolder tree ``root/<class>/<image>``,
     transformed with ``imagefolder_transform(model, train, img_size)``. ``limit`` keeps a deterministic subset
     (Fashion-MNIST: the first N; ImageFolder: N spread evenly over the classes).
     """
     _check_size(img_size, in_chans)
     _check_limit(limit)
-    accepted = ("expected 'fashion-mnist' (or 'fmnist'), a directory with the Fashion-MNIST IDX files, "
+    accepted = ("expected 'fashion-mnist' (or 'fmnist'), 'fashion-mnist-cluttered', a directory with the Fashion-MNIST IDX files, "
                 "or an ImageFolder directory root/<class>/<image>")
     if str(name_or_path).lower() in FASHION_MNIST_NAMES:
         return FashionMNIST(None, train, fashion_mnist_transform(img_size, in_chans, train), limit)
+    if str(name_or_path).lower() in CLUTTERED_NAMES:
+        return ClutteredFashionMNIST(None, train, fashion_mnist_transform(img_size, in_chans, False), limit)
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise DatasetError(

@@ -6,6 +6,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 MINI_DEIT = "deit_mini_patch4_28"
+MINI_DEIT_CLUTTERED = "deit_mini_patch8_56"
 
 
 @register_model
@@ -15,7 +16,17 @@ def deit_mini_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer
     49 patch tokens + 1 class token. ``pretrained`` is accepted for timm's interface; weights ship with tpsvit
     (see :func:`tpsvit.assets.load_demo_model`), not through timm's hub.
     """
-    defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=2)
+    return _mini_deit(dict(img_size=28, patch_size=4), kwargs)
+
+
+@register_model
+def deit_mini_patch8_56(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The same mini-DeiT with 8x8 patches on 56x56 grey images (cluttered Fashion-MNIST): 49 patch tokens."""
+    return _mini_deit(dict(img_size=56, patch_size=8), kwargs)
+
+
+def _mini_deit(size: dict, kwargs: dict) -> VisionTransformer:
+    defaults = dict(in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=2, **size)
     hub_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
     defaults.update({k: v for k, v in kwargs.items() if k not in hub_only})
     model = VisionTransformer(**defaults)

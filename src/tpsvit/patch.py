@@ -23,6 +23,7 @@ from tpsvit.scoring import (
     TokenPredictor,
     class_attention,
     gumbel_keep,
+    masked_class_attention,
     mean_keys,
     random_scores,
     split_qkv,
@@ -46,6 +47,8 @@ class ForwardState:
         size: (B, N_tokens, 1) original tokens each token stands for (ToMe), else None.
         positions: (B, N_patch_tokens) original grid index of each current patch token (-1: EViT's fused token)
             on the gather path, None before the first reduction.
+        ranking: masked path with ``record_class_attention``: per location, (predictor keep log-probs (B, N, 2),
+            the block's class attention over the alive tokens (B, N), the alive mask before it (B, N)).
     """
 
     masked: bool
@@ -53,6 +56,7 @@ class ForwardState:
     decisions: list[Tensor] = field(default_factory=list)
     size: Tensor | None = None
     positions: Tensor | None = None
+    ranking: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
 
 class _Runtime:
@@ -64,6 +68,8 @@ class _Runtime:
         self.state: ForwardState | None = None
         self.trace: Trace | None = None
         self.force_masked = False  # tests: run the masked path with top-k decisions in eval mode
+        self.training_decisions = "gumbel"  # masked path in train mode: "gumbel" samples or "topk" by score
+        self.record_class_attention = False  # masked path: record ForwardState.ranking (predictor distillation)
 
     def begin(self, model: nn.Module) -> None:
         masked = self.force_masked or (self.config.spec.learned and model.training)
@@ -221,10 +227,14 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: di
         keep = top_k_mask(random_scores((batch, n), x.device), prev, reduction["keep_rate"])
     else:
         log_probs = block._tps_predictor(patches, prev)
-        if block.training and not runtime.force_masked:
+        if block.training and not runtime.force_masked and runtime.training_decisions == "gumbel":
             keep = gumbel_keep(log_probs, prev)
         else:
             keep = top_k_mask(log_probs[..., 0], prev, reduction["keep_rate"])
+        if runtime.record_class_attention:
+            with torch.no_grad():
+                target = masked_class_attention(block.attn, block.norm1(x), prev, prefix_len)
+            state.ranking.append((log_probs, target, prev))
     if config.spec.reducer == "squeeze":
         patches = squeeze_masked(patches, keep, prev, config.temperature)
     state.policy = torch.cat([keep.new_ones(batch, prefix_len), keep], dim=1)
@@ -354,6 +364,16 @@ def unpatch(model: nn.Module) -> nn.Module:
     del model._tps_runtime
     model.__class__ = model._tps_base
     return model
+
+
+def set_predictor_training(model: nn.Module, decisions: str = "gumbel", record_class_attention: bool = False) -> None:
+    """How a patched dtps/dynamicvit model decides in train mode: ``"gumbel"`` (the paper's straight-through samples)
+    or ``"topk"`` (the inference decisions); ``record_class_attention`` fills :attr:`ForwardState.ranking` for the
+    predictors' class-attention distillation (:func:`tpsvit.train.losses.attention_ranking_loss`)."""
+    if decisions not in ("gumbel", "topk"):
+        raise ValueError(f"decisions {decisions!r}; allowed: gumbel, topk")
+    runtime = _runtime(model)
+    runtime.training_decisions, runtime.record_class_attention = decisions, bool(record_class_attention)
 
 
 def set_keep_rate(model: nn.Module, keep_rate) -> TPSConfig:

@@ -28,9 +28,12 @@ from tpsvit.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_NAMES,
     FASHION_MNIST_STD,
+    CLUTTERED_NAMES,
+    ClutteredFashionMNIST,
     FashionMNIST,
     find_fashion_mnist,
     image_folder,
+    normalize_uint8,
     resize_and_expand,
 )
 from tpsvit.errors import DatasetError, InvalidArgumentError
@@ -79,13 +82,17 @@ def crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, fill: float 
 
 
 class TensorBatches:
-    """Fashion-MNIST-style in-memory batches for training (sharded, shuffled, augmented) or evaluation."""
+    """Fashion-MNIST-style in-memory batches for training (sharded, shuffled, augmented) or evaluation.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int, world: int,
-                 seed: int, train: bool, augment: bool, img_size: int, in_chans: int, fill: float = 0.0):
+    ``augment(index, generator) -> images`` makes the batch of the given sample indices when set (crop + flip,
+    or a fresh cluttered composition); without it the batch is ``images[index]``.
+    """
+
+    def __init__(self, images: torch.Tensor | None, labels: torch.Tensor, batch_size: int, rank: int, world: int,
+                 seed: int, train: bool, augment, img_size: int, in_chans: int):
         self.images, self.labels = images, labels
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.train, self.augment, self.fill = train, augment, fill
+        self.train, self.augment = train, augment
         self.img_size, self.in_chans = img_size, in_chans
 
     def __len__(self) -> int:
@@ -99,9 +106,10 @@ class TensorBatches:
         mine = shard(order, self.rank, self.world, equal=self.train)
         for step in range(start, len(self)):
             index = mine[step * self.batch_size: (step + 1) * self.batch_size]
-            x = self.images[index]
-            if self.augment:
-                x = crop_flip(x, 2, generator(self.seed, epoch, step, self.rank), self.fill)
+            if self.augment is not None:
+                x = self.augment(index, generator(self.seed, epoch, step, self.rank))
+            else:
+                x = self.images[index]
             yield resize_and_expand(x, self.img_size, self.in_chans), self.labels[index]
 
 
@@ -162,7 +170,7 @@ class DataBundle:
 
 
 def _is_fashion_mnist(data: str) -> bool:
-    if data.lower() in FASHION_MNIST_NAMES:
+    if data.lower() in FASHION_MNIST_NAMES + CLUTTERED_NAMES:
         return True
     path = Path(data).expanduser()
     if not path.is_dir():
@@ -227,13 +235,16 @@ def find_data(cfg) -> RawData:
         if cfg.augment == "deit":
             raise InvalidArgumentError("augment=deit needs an ImageFolder dataset; Fashion-MNIST takes augment=fmnist "
                                        "(crop + flip on tensors) or none")
-        root = None if cfg.data.lower() in FASHION_MNIST_NAMES else Path(cfg.data).expanduser()
-        train_set = FashionMNIST(root, train=True, limit=cfg.limit)
-        test_set = FashionMNIST(root, train=False, limit=cfg.val_limit)
+        cluttered = cfg.data.lower() in CLUTTERED_NAMES
+        root = None if cfg.data.lower() in FASHION_MNIST_NAMES + CLUTTERED_NAMES else Path(cfg.data).expanduser()
+        kind = ClutteredFashionMNIST if cluttered else FashionMNIST
+        train_set = kind(root, train=True, limit=cfg.limit)
+        test_set = kind(root, train=False, limit=cfg.val_limit)
         if len(train_set) == 0 or len(test_set) == 0:
             raise DatasetError(f"Fashion-MNIST files in {train_set.root} hold no images")
+        name = "cluttered Fashion-MNIST" if cluttered else "Fashion-MNIST"
         return RawData("tensors", train_set, test_set, list(FASHION_MNIST_CLASSES),
-                       f"Fashion-MNIST {train_set.root} ({len(train_set)} train / {len(test_set)} test images)")
+                       f"{name} {train_set.root} ({len(train_set)} train / {len(test_set)} test images)")
     if cfg.augment == "fmnist":
         raise InvalidArgumentError(f"augment=fmnist is for Fashion-MNIST; {cfg.data!r} takes augment=deit or none")
     train_root, val_root = _folder_roots(Path(cfg.data).expanduser(), cfg.train_split, cfg.val_split)
@@ -260,10 +271,17 @@ def build_data(cfg, raw: RawData, model, rank: int, world: int, batch_size: int,
     if raw.kind == "tensors":
         x, y = raw.train.tensors()
         xt, yt = raw.eval.tensors()
-        fill = -FASHION_MNIST_MEAN / FASHION_MNIST_STD  # a black pixel after normalisation
-        train = TensorBatches(x, y, batch_size, rank, world, cfg.seed, True, cfg.augment == "fmnist",
-                              img_size, in_chans, fill)
-        test = TensorBatches(xt, yt, eval_batch, rank, world, cfg.seed, False, False, img_size, in_chans)
+        augment = None
+        if cfg.augment == "fmnist" and isinstance(raw.train, ClutteredFashionMNIST):
+            def augment(index, gen, dataset=raw.train):
+                return normalize_uint8(dataset.compose(index, gen))
+        elif cfg.augment == "fmnist":
+            fill = -FASHION_MNIST_MEAN / FASHION_MNIST_STD  # a black pixel after normalisation
+
+            def augment(index, gen):
+                return crop_flip(x[index], 2, gen, fill)
+        train = TensorBatches(x, y, batch_size, rank, world, cfg.seed, True, augment, img_size, in_chans)
+        test = TensorBatches(xt, yt, eval_batch, rank, world, cfg.seed, False, None, img_size, in_chans)
         return DataBundle(train, test, raw.classes, raw.description)
     if in_chans != 3:
         raise DatasetError(f"ImageFolder {cfg.data!r} holds RGB images but the model takes {in_chans} channel(s); "

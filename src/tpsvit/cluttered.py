@@ -1,0 +1,75 @@
+"""Cluttered Fashion-MNIST: each garment at a random spot of a larger black canvas, among crops of other garments.
+
+On plain Fashion-MNIST the garment fills the image and its silhouette (which the "background" tokens encode) is the
+signal, so there are no unimportant tokens for a pruning method to find. Here the 28x28 garment covers about a
+quarter of a 56x56 canvas and a few 8x8 crops of other garments are scattered around it as clutter, so most of the
+49 tokens (8x8 patches) really are unimportant, as on ImageNet. Images are combined with a pixel-wise maximum.
+
+The test split is composed once from a fixed seed (the same images on every machine, whatever ``limit``); training
+images are composed on the fly per batch (:meth:`ClutterSpec.compose` with the batch's generator), so every epoch
+sees new placements and clutter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GARMENT = 28
+TEST_SEED = 20260
+TRAIN_VIEW_SEED = 20261  # the fixed composition of the training split, for calibration and eval on train images
+
+
+@dataclass(frozen=True)
+class ClutterSpec:
+    """Canvas side, number of clutter pieces per image and their side (pixels)."""
+
+    canvas: int = 56
+    pieces: int = 6
+    piece: int = 8
+
+    def compose(self, garments: torch.Tensor, pool: torch.Tensor, gen: torch.Generator,
+                flip: bool = False) -> torch.Tensor:
+        """uint8 garments (B, 28, 28) -> uint8 canvases (B, canvas, canvas).
+
+        Each garment lands at a uniformly random position (flipped horizontally with probability 0.5 when
+        ``flip``); each clutter piece is a random ``piece`` x ``piece`` crop from the central part of a random image
+        of ``pool``, placed uniformly at random.
+        """
+        b = garments.shape[0]
+        out = torch.zeros(b, self.canvas, self.canvas, dtype=torch.uint8)
+        if flip:
+            flipped = torch.rand(b, generator=gen) < 0.5
+            garments = torch.where(flipped[:, None, None], garments.flip(-1), garments)
+        _paste(out, garments, gen)
+        if self.pieces:
+            n = b * self.pieces
+            source = torch.randint(0, len(pool), (n,), generator=gen)
+            low, high = 2, GARMENT - self.piece - 2  # skip the empty border of the 28x28 images
+            top = torch.randint(low, high + 1, (n,), generator=gen)
+            left = torch.randint(low, high + 1, (n,), generator=gen)
+            crops = pool[source[:, None, None], _span(top, self.piece)[:, :, None], _span(left, self.piece)[:, None, :]]
+            for k in range(self.pieces):
+                _paste(out, crops[k::self.pieces], gen)
+        return out
+
+
+def _span(start: torch.Tensor, size: int) -> torch.Tensor:
+    return start[:, None] + torch.arange(size)
+
+
+def _paste(canvas: torch.Tensor, pieces: torch.Tensor, gen: torch.Generator) -> None:
+    """Max-combine square ``pieces`` (B, s, s) into ``canvas`` (B, S, S) at uniformly random positions, in place."""
+    b, s = pieces.shape[0], pieces.shape[-1]
+    room = canvas.shape[-1] - s + 1
+    top = torch.randint(0, room, (b,), generator=gen)
+    left = torch.randint(0, room, (b,), generator=gen)
+    index = (torch.arange(b)[:, None, None], _span(top, s)[:, :, None], _span(left, s)[:, None, :])
+    canvas[index] = torch.maximum(canvas[index], pieces)
+
+
+def compose_fixed(garments: torch.Tensor, seed: int, spec: ClutterSpec, chunk: int = 4096) -> torch.Tensor:
+    """A deterministic cluttered version of a whole split (clutter drawn from the split itself)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([spec.compose(garments[i:i + chunk], garments, gen) for i in range(0, len(garments), chunk)])
