@@ -14,6 +14,8 @@ from tpsvit.train.losses import (
     classification_loss,
     keep_ratio_loss,
     logit_distillation,
+    attention_ranking_loss,
+    ranking_target_logits,
     token_distillation,
 )
 
@@ -55,7 +57,38 @@ def test_token_distillation_masked_path_ignores_dropped_tokens():
     teacher = torch.zeros(1, 3, 2)
     student = torch.tensor([[[1.0, 1.0], [100.0, 100.0], [3.0, 3.0]]])
     policy = torch.tensor([[1.0, 0.0, 1.0]])  # token 1 was dropped: its huge error must not count
-    assert token_distillation(student, teacher, policy=policy).item() == pytest.approx((1 + 1 + 9 + 9) / 4)
+    assert token_distillation(student, teacher, policy=policy, kind="mse").item() == pytest.approx((1 + 1 + 9 + 9) / 4)
+
+
+def test_token_distillation_kl_is_the_releases_channel_softmax_kl():
+    """The release: F.kl_div(log_softmax(student), log_softmax(teacher), batchmean, log_target) over kept tokens."""
+    student, teacher = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    policy = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0]])
+    kept = policy.bool()
+    s, t = student[kept].log_softmax(-1), teacher[kept].log_softmax(-1)  # (kept tokens, C)
+    expected = (t.exp() * (t - s)).sum() / kept.sum()  # batchmean over the kept rows
+    assert token_distillation(student, teacher, policy=policy).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert token_distillation(teacher, teacher, policy=policy).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="kind 'l1'"):
+        token_distillation(student, teacher, kind="l1")
+
+
+def test_attention_ranking_loss_is_zero_when_the_predictor_ranks_as_attention_and_trains_it():
+    attention = torch.tensor([[0.5, 0.3, 0.0, 0.2]])
+    alive = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    dead = alive <= 0
+    target = ranking_target_logits(attention, dead)  # standardised log-attention over the alive tokens
+    z = attention[0, [0, 1, 3]].log()
+    assert torch.allclose(target[0, [0, 1, 3]], (z - z.mean()) / z.std(unbiased=False), atol=1e-5)
+    assert target[0, 2] == float("-inf")
+    log_probs = torch.stack([target.masked_fill(dead, 0.0), torch.zeros_like(target)], dim=-1)
+    assert attention_ranking_loss([(log_probs, attention, alive)]).item() == pytest.approx(0.0, abs=1e-6)
+    flat = torch.zeros(1, 4, 2, requires_grad=True)
+    loss = attention_ranking_loss([(flat, attention, alive)])
+    p = target[0, [0, 1, 3]].softmax(0)
+    assert loss.item() == pytest.approx((p * (p * 3).log()).sum().item(), rel=1e-5)  # KL(p || uniform of 3)
+    grad = torch.autograd.grad(loss, flat)[0][0, :, 0]
+    assert grad[0] < 0 < grad[3] and grad[2] == 0  # raise the most attended token, lower the least; dead: nothing
 
 
 def test_token_distillation_gives_the_keep_mask_no_gradient():
@@ -70,9 +103,9 @@ def test_token_distillation_gather_path_uses_positions():
     teacher = torch.arange(8.0).reshape(1, 4, 2)  # token i = (2i, 2i+1)
     student = torch.tensor([[[6.0, 7.0], [0.0, 1.0], [50.0, 50.0]]])  # grid tokens 3 and 0, then a fused token
     positions = torch.tensor([[3, 0, -1]])
-    assert token_distillation(student, teacher, positions=positions).item() == 0.0
+    assert token_distillation(student, teacher, positions=positions, kind="mse").item() == 0.0
     student[0, 1] += 2.0
-    assert token_distillation(student, teacher, positions=positions).item() == pytest.approx(2 * 4 / 4)
+    assert token_distillation(student, teacher, positions=positions, kind="mse").item() == pytest.approx(2 * 4 / 4)
 
 
 def test_classification_loss_kinds():

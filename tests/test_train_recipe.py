@@ -23,8 +23,11 @@ def test_imagenet_dtps_is_the_papers_release_recipe():
     cfg = resolve("imagenet-dtps", {"data": "/data/imagenet"})
     assert (cfg.model, cfg.pretrained, cfg.method, cfg.keep_rate, cfg.locations) == (
         "deit_small_patch16_224", True, "dtps", 0.7, [3, 6, 9])
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay) == (30, 1024, 2.5e-4, 0.01,
+    # one AdamW group at 2.5e-4 with decay on everything (the script's --backbone_freeze_epochs -1 never splits it)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay) == (30, 1024, 2.5e-4, 1.0,
                                                                                              0.05)
+    assert cfg.weight_decay_skip_1d is False and cfg.token_distill_loss == "kl"
+    assert (cfg.predictor_init, cfg.predictor_loss) == ("release", "gumbel")
     assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.auto_augment) == (5, 1e-6, "rand-m9-mstd0.5-inc1")
     assert (cfg.mixup, cfg.cutmix, cfg.reprob, cfg.smoothing, cfg.color_jitter, cfg.aug_repeats) == (
         0.8, 1.0, 0.25, 0.1, 0.3, 3)
@@ -104,3 +107,34 @@ def test_budget_solves_the_keep_rate_before_training():
     assert gmacs(model) <= 0.6 * full
     with pytest.raises(InvalidArgumentError, match="budget needs a token-reduction method"):
         resolve("fmnist-scratch", {"budget": 0.5})
+
+
+def test_param_groups_default_to_the_releases_single_group():
+    import timm
+
+    import tpsvit
+    from tpsvit.train.modeling import param_groups
+
+    model = timm.create_model("deit_mini_patch4_28", depth=2)
+    tpsvit.patch(model, method="dtps", keep_rate=0.5, locations=[1])
+    (group,) = param_groups(model, 2.5e-4, 1.0, 0.05)
+    assert group["lr"] == 2.5e-4 and group["weight_decay"] == 0.05
+    assert len(group["params"]) == len(list(model.parameters()))
+    split = {g["name"]: g for g in param_groups(model, 1e-3, 0.01, 0.05, skip_1d=True)}
+    assert set(split) == {"predictor", "predictor_no_decay", "backbone", "backbone_no_decay"}
+    assert split["backbone"]["lr"] == pytest.approx(1e-5) and split["predictor"]["lr"] == 1e-3
+    assert split["backbone_no_decay"]["weight_decay"] == 0.0
+
+
+def test_predictor_starts_as_the_release_init():
+    import torch
+
+    from tpsvit.scoring import TokenPredictor
+
+    torch.manual_seed(0)
+    predictor = TokenPredictor(192)
+    linears = [m for m in predictor.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(float(m.bias.abs().max()) == 0.0 for m in linears)
+    assert 0.015 < float(linears[0].weight.std()) < 0.025
+    keep = predictor(torch.randn(4, 49, 192))[..., 0].exp()
+    assert float((keep - 0.5).abs().max()) < 0.02  # keep probability ~0.5 for every token

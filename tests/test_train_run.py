@@ -215,3 +215,17 @@ def test_cli_prints_one_line_and_exits_2(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "unknown key 'learning_rate'" in err and "valid keys:" in err and "lr," in err
+
+
+@pytest.mark.parametrize("method", ["dtps", "dynamicvit"])
+def test_warm_start_and_attention_distill_finetune(scratch, data, tmp_path, method, capsys):
+    results = train(config(
+        data, tmp_path / "ft", recipe="fmnist-finetune", checkpoint=str(Path(scratch["out"]) / "best.safetensors"),
+        method=method, locations=[1, 2], keep_rate=0.5, epochs=2, warmup_epochs=0,
+        predictor_init="class-attention", predictor_init_steps=20, predictor_loss="attention-distill",
+    ))
+    assert "predictor warm start (class-attention distillation), 20 steps" in capsys.readouterr().err
+    history = results["history"]
+    assert history[0]["loss_attention_distill"] > 0 and history[0]["loss_keep_ratio"] == 0
+    assert all(0 < row["loss_attention_distill"] < 2.0 for row in history)  # warm-started: far from flat
+    assert history[-1]["test_top1"] > 30.0

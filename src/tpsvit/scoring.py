@@ -55,6 +55,7 @@ class TokenPredictor(nn.Module):
             nn.Linear(dim // 2, dim // 4), nn.GELU(),
             nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1),
         )  # fmt: skip
+        self.apply(_release_init)
 
     def forward(self, tokens: Tensor, keep: Tensor | None = None) -> Tensor:
         """tokens (B, N, C) patch tokens; keep (B, N) current keep mask or None (all kept) -> (B, N, 2) log-probs."""
@@ -67,6 +68,26 @@ class TokenPredictor(nn.Module):
             weight = keep.unsqueeze(-1).to(glob.dtype)
             glob = (glob * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1e-6)
         return self.head(torch.cat([local, glob.expand(-1, local.shape[1], -1)], dim=-1))
+
+
+def _release_init(module: nn.Module) -> None:
+    """The release's ViT init: trunc-normal(std 0.02) linear weights, zero biases (keep probability ~0.5 at start)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
+def masked_class_attention(attn: nn.Module, x: Tensor, alive: Tensor, num_prefix: int) -> Tensor:
+    """Class-token attention over the alive tokens of a full-length sequence, averaged over heads: (B, N_patch).
+
+    ``x`` is the attention's input (after ``norm1``), ``alive`` (B, N_patch) the keep mask of the patch tokens (prefix
+    tokens always count as alive). Dead tokens get 0. The target of the predictors' class-attention distillation.
+    """
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x)
+    alive = torch.cat([alive.new_ones(batch, num_prefix), alive], dim=1).float()
+    bias = torch.zeros_like(alive).masked_fill(alive <= 0, float("-inf"))[:, None, None, :]
+    return class_attention(attn, qkv, num_prefix, bias)
 
 
 def gumbel_keep(log_probs: Tensor, prev_keep: Tensor) -> Tensor:

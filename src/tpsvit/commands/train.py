@@ -2,7 +2,7 @@
 
 Learning-rate rule: the recipe's ``lr`` is for its *global* batch (``batch_size`` summed over ranks and accumulation
 steps) and is used as written, never rescaled; when you change --batch-size, scale --lr yourself (linear rule:
-lr x new / old). ``lr`` drives the learned predictors; everything else trains at ``lr x backbone_lr_scale``.
+lr x new / old). Every parameter trains at ``lr`` (the release); ``--backbone-lr-scale`` puts the backbone at ``lr x scale``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ FLAG_KEYS = {
     "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "limit": "limit", "val_limit": "val_limit",
     "steps": "steps_per_epoch", "workers": "workers", "amp": "amp", "grad_checkpointing": "grad_checkpointing",
     "device": "device", "save_every_steps": "save_every_steps", "eval_every": "eval_every", "img_size": "img_size",
-    "resume": "resume", "threads": "threads",
+    "resume": "resume", "threads": "threads", "predictor_init": "predictor_init", "predictor_loss": "predictor_loss",
 }
 
 EPILOG = """\
@@ -81,15 +81,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if importlib.util.find_spec("tpsvit.budget") is not None:
         reduce.add_argument("--budget", type=float, default=S, metavar="FRACTION",
                             help="fraction of the unpatched GMACs; the keep rate is solved to meet it")
+    reduce.add_argument("--predictor-init", choices=("release", "class-attention"), default=S,
+                        help="dtps/dynamicvit: the release's init, or a warm start distilling class attention "
+                             "(beyond the paper)")
+    reduce.add_argument("--predictor-loss", choices=("gumbel", "attention-distill"), default=S,
+                        help="dtps/dynamicvit: Gumbel straight-through (the paper) or class-attention ranking "
+                             "distillation with top-k decisions (beyond the paper)")
     data = parser.add_argument_group("data and schedule")
     data.add_argument("--data", default=S, metavar="NAME|DIR",
-                      help="fashion-mnist, a Fashion-MNIST IDX folder, or an ImageFolder root (with train/ val/)")
+                      help="fashion-mnist, fashion-mnist-cluttered, a Fashion-MNIST IDX folder, or an ImageFolder "
+                           "root (with train/ val/)")
     data.add_argument("--limit", type=int, default=S, metavar="N", help="train on N images only")
     data.add_argument("--val-limit", type=int, default=S, metavar="N", help="evaluate on N images only")
     data.add_argument("--steps", type=int, default=S, metavar="N", help="at most N optimiser steps per epoch")
     data.add_argument("--batch-size", type=int, default=S, metavar="N", help="global batch (all ranks)")
     data.add_argument("--accum-steps", type=int, default=S, metavar="N", help="gradient accumulation steps")
-    data.add_argument("--lr", type=float, default=S, help="predictor lr for the global batch (not rescaled)")
+    data.add_argument("--lr", type=float, default=S, help="lr for the global batch (not rescaled)")
     data.add_argument("--backbone-lr-scale", type=float, default=S, metavar="X")
     data.add_argument("--weight-decay", type=float, default=S)
     data.add_argument("--warmup-epochs", type=float, default=S)

@@ -6,8 +6,8 @@ is a function of (seed, epoch); so a run resumed from ``last.pt`` replays exactl
 in the checkpoint as well.
 
 Learning rate: linear warm-up per step from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then cosine to
-``min_lr`` (torch's LambdaLR). The backbone groups follow the same curve scaled by ``backbone_lr_scale``. ``lr`` is
-for the global ``batch_size`` and is never rescaled automatically.
+``min_lr`` (torch's LambdaLR). With ``backbone_lr_scale != 1`` the backbone group follows the same curve scaled.
+``lr`` is for the global ``batch_size`` and is never rescaled automatically.
 """
 
 from __future__ import annotations
@@ -40,15 +40,31 @@ from tpsvit.train.data_loading import build_data, find_data, mix_seed
 from tpsvit.train.losses import (
     accuracy,
     classification_loss,
+    attention_ranking_loss,
     keep_ratio_loss,
     logit_distillation,
     token_distillation,
 )
 from tpsvit.train.metrics import MetricsWriter
+from tpsvit.patch import set_predictor_training
+from tpsvit.train.warm_start import warm_start_predictors
 from tpsvit.train.modeling import build_models, enable_grad_checkpointing, param_groups, print_notes
 from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, resolve, valid_keys, validate
 
-LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio")
+LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio", "attention_distill")
+
+
+WARM_START_EPOCH = 1_000_003  # the warm start's data order: unlike any training epoch's
+
+
+class _EpochBatches:
+    """Re-iterable view of one epoch of a batch source."""
+
+    def __init__(self, source, epoch: int):
+        self.source, self.epoch = source, epoch
+
+    def __iter__(self):
+        return iter(self.source.batches(self.epoch))
 
 
 class _WithFeatures(nn.Module):
@@ -120,6 +136,11 @@ class Run:
         if self.steps_per_epoch == 0:
             raise DatasetError(f"{self.data.description} gives no full batch of {cfg.batch_size}; lower batch_size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        learned = tpsvit.is_patched(self.model) and self.model.tps.spec.learned
+        if learned and cfg.predictor_init == "class-attention" and self.state is None:
+            self._warm_start()
+        if learned and cfg.predictor_loss == "attention-distill":
+            set_predictor_training(self.model, "topk", record_class_attention=True)
         self._setup_engine()
         self.history: list[dict] = []
         self.best_top1 = -1.0
@@ -130,6 +151,16 @@ class Run:
         self.metrics = MetricsWriter(self.out, cfg.to_dict(), enabled=info.is_main)
 
     # ------------------------------------------------------------------------------------------------ set-up
+
+    def _warm_start(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.model.to(info.device)
+        batches = _EpochBatches(self.data.train, epoch=WARM_START_EPOCH)
+        losses = warm_start_predictors(self.model, batches, cfg.predictor_init_steps, cfg.predictor_init_lr,
+                                       info.device, progress=info.is_main)
+        if info.is_main:
+            print(f"tpsvit train: predictor warm start (class-attention distillation), {len(losses)} steps, "
+                  f"ranking loss {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f}", file=sys.stderr)
 
     def _resume_state(self, cfg: TrainConfig) -> dict | None:
         if cfg.resume:
@@ -167,7 +198,7 @@ class Run:
                                                find_unused_parameters=cfg.find_unused_parameters)
         fused = {"fused": True} if info.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay),
+            param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay, cfg.weight_decay_skip_1d),
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps, **fused,
         )
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
@@ -244,9 +275,14 @@ class Run:
                     where["policy"] = state.policy[:, prefix:]
                 elif state is not None and not state.masked and state.positions is not None:
                     where["positions"] = state.positions
-                terms["token"] = token_distillation(features[:, prefix:], t_features[:, prefix:], **where)
+                terms["token"] = token_distillation(features[:, prefix:], t_features[:, prefix:], **where,
+                                                    kind=cfg.token_distill_loss)
                 total = total + cfg.token_distill_weight * terms["token"]
-        if cfg.keep_ratio_weight > 0 and state is not None and state.masked and state.decisions:
+        if state is not None and state.ranking:
+            terms["attention_distill"] = attention_ranking_loss(state.ranking)
+            total = total + cfg.attention_distill_weight * terms["attention_distill"]
+            state.ranking.clear()
+        elif cfg.keep_ratio_weight > 0 and state is not None and state.masked and state.decisions:
             terms["keep_ratio"] = keep_ratio_loss(state.decisions, model.tps.keep_rate)
             total = total + cfg.keep_ratio_weight * terms["keep_ratio"]
         terms["total"] = total
@@ -390,7 +426,7 @@ class Run:
         self.partial = {}
         means = distributed.all_reduce_sum([sums[k] / self.steps_per_epoch for k in LOSS_KEYS], info)
         names = {"total": "train_loss", "ce": "loss_ce", "distill": "loss_distill", "token": "loss_token",
-                 "keep_ratio": "loss_keep_ratio"}
+                 "keep_ratio": "loss_keep_ratio", "attention_distill": "loss_attention_distill"}
         row = {names[k]: v / info.world_size for k, v in zip(LOSS_KEYS, means, strict=True)}
         trained = (self.steps_per_epoch - start) * cfg.batch_size
         return {**row, "epoch_time_s": prior + here, "train_images": self.steps_per_epoch * cfg.batch_size,
@@ -444,7 +480,8 @@ class Run:
 
     def _epoch_line(self, row: dict) -> str:
         parts = [f"epoch {row['epoch']}/{self.cfg.epochs}: loss {row['train_loss']:.4f} (ce {row['loss_ce']:.4f}"]
-        for key, label in (("loss_distill", "kd"), ("loss_token", "tok"), ("loss_keep_ratio", "ratio")):
+        for key, label in (("loss_distill", "kd"), ("loss_token", "tok"), ("loss_keep_ratio", "ratio"),
+                           ("loss_attention_distill", "attn")):
             if row.get(key):
                 parts.append(f" {label} {row[key]:.4f}")
         parts.append(")")

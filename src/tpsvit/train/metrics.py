@@ -9,6 +9,7 @@ from pathlib import Path
 
 COLUMNS = (
     "epoch", "global_step", "train_loss", "loss_ce", "loss_distill", "loss_token", "loss_keep_ratio",
+    "loss_attention_distill",
     "lr", "lr_backbone", "keep_rate", "test_top1", "test_top5", "test_loss", "gmacs", "train_images",
     "train_images_per_s", "epoch_time_s",
 )

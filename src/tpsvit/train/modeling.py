@@ -141,21 +141,27 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     return count
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: predictors at ``lr``, the rest at ``lr * backbone_lr_scale``; no decay on 1-d params/tokens."""
+def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float,
+                 skip_1d: bool = False) -> list[dict]:
+    """AdamW groups. The release's default is one group: every parameter at ``lr`` with weight decay.
+
+    ``backbone_lr_scale != 1`` puts the backbone in its own group at ``lr * backbone_lr_scale`` (predictors stay at
+    ``lr``); ``skip_1d`` exempts biases, norms and the model's ``no_weight_decay`` tokens from decay (timm's default).
+    """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    split = backbone_lr_scale != 1.0
     groups: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "predictor" if name.startswith("tps_predictors.") else "backbone"
-        decay = param.ndim > 1 and name not in skip
+        part = "predictor" if name.startswith("tps_predictors.") or not split else "backbone"
+        decay = not skip_1d or (param.ndim > 1 and name not in skip)
         groups.setdefault((part, decay), []).append(param)
     out = []
     for (part, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != "predictor", not kv[0][1])):
         scale = 1.0 if part == "predictor" else backbone_lr_scale
         out.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0,
-                    "name": f"{part}{'' if decay else '_no_decay'}"})
+                    "name": f"{part if split else 'all'}{'' if decay else '_no_decay'}"})
     return out
 
 

@@ -7,8 +7,9 @@ key is an :class:`~tpsvit.errors.InvalidArgumentError` that lists the valid keys
 Learning-rate rule: ``lr`` is used exactly as written, for the recipe's *global* batch (``batch_size``, summed over
 ranks and accumulation steps); it is never rescaled automatically (the TPS/DynamicViT release does not scale either).
 If you change ``batch_size``, scale ``lr`` yourself (the usual linear rule: lr x new_batch / recipe_batch).
-``lr`` is the rate of the learned predictors (dTPS, DynamicViT) and of every other trainable part is
-``lr x backbone_lr_scale``; ``warmup_lr`` and ``min_lr`` are for ``lr`` and the backbone follows the same curve scaled.
+Like the release, every parameter trains at ``lr`` in one AdamW group with weight decay on everything; the options
+``backbone_lr_scale`` (the backbone at ``lr x backbone_lr_scale``, the predictors at ``lr``) and
+``weight_decay_skip_1d`` (no decay on biases, norms and tokens, timm's default) are off by default.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import yaml
 from tpsvit.errors import InvalidArgumentError
 
 METHOD_NAMES = ("none", "etps", "dtps", "evit", "dynamicvit", "tome")
+TOKEN_DISTILL_LOSSES = ("kl", "mse")
+PREDICTOR_INITS = ("release", "class-attention")
+PREDICTOR_LOSSES = ("gumbel", "attention-distill")
 AUGMENTS = ("deit", "fmnist", "none")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 TEACHERS_HELP = "'auto' (the starting model, unpatched), 'none', or a checkpoint file"
@@ -61,8 +65,9 @@ class TrainConfig:
     batch_size: int = 1024  # global batch: per-rank batch = batch_size / (world_size * accum_steps)
     accum_steps: int = 1
     lr: float = 2.5e-4
-    backbone_lr_scale: float = 0.01
+    backbone_lr_scale: float = 1.0  # the release: one lr for every parameter (its scale branch is dead code)
     weight_decay: float = 0.05
+    weight_decay_skip_1d: bool = False  # the release decays every parameter; true: none on biases/norms/tokens
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     opt_eps: float = 1e-8
     clip_grad: float | None = None  # max gradient norm, or None
@@ -83,8 +88,15 @@ class TrainConfig:
     drop_path: float = 0.1
     # losses
     distill_weight: float = 0.5  # KL(student logits || teacher logits)
-    token_distill_weight: float = 0.5  # MSE between final kept patch tokens and the teacher's at the same positions
-    keep_ratio_weight: float = 2.0  # dtps / dynamicvit only
+    token_distill_weight: float = 0.5  # final kept patch tokens vs the teacher's at the same positions
+    token_distill_loss: str = "kl"  # kl (the release: KL over the channel softmax) | mse
+    keep_ratio_weight: float = 2.0  # dtps / dynamicvit only (gumbel predictor_loss)
+    # learned predictors (dtps / dynamicvit)
+    predictor_init: str = "release"  # release (trunc-normal 0.02) | class-attention (warm start, beyond the paper)
+    predictor_init_steps: int = 300  # class-attention warm start: optimiser steps on the training data
+    predictor_init_lr: float = 1e-3
+    predictor_loss: str = "gumbel"  # gumbel (the paper) | attention-distill (top-k forward, ranking loss)
+    attention_distill_weight: float = 1.0  # predictor_loss attention-distill
     # engine
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | none | bf16 | fp16
     grad_checkpointing: bool = False  # only blocks before the first pruning location (see engine docs)
@@ -233,7 +245,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 f"model_kwargs entry {key!r}: {value!r} is not a keyword and a value; write YAML with a space after "
                 "each colon, e.g. model_kwargs='{depth: 4, embed_dim: 32}'"
             )
-    for key in ("pretrained", "resume", "grad_checkpointing", "find_unused_parameters"):
+    for key in ("pretrained", "resume", "grad_checkpointing", "find_unused_parameters", "weight_decay_skip_1d"):
         if not isinstance(getattr(cfg, key), bool):
             raise InvalidArgumentError(f"{key}={getattr(cfg, key)!r} must be true or false")
     if cfg.teacher is None or cfg.teacher is False:
@@ -243,6 +255,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice(cfg, "method", METHOD_NAMES)
     _choice(cfg, "augment", AUGMENTS)
     _choice(cfg, "amp", AMP_MODES)
+    _choice(cfg, "token_distill_loss", TOKEN_DISTILL_LOSSES)
+    _choice(cfg, "predictor_init", PREDICTOR_INITS)
+    _choice(cfg, "predictor_loss", PREDICTOR_LOSSES)
     if isinstance(cfg.locations, int) and not isinstance(cfg.locations, bool):
         cfg.locations = [cfg.locations]
     if not isinstance(cfg.locations, (list, tuple)):
@@ -286,6 +301,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _number(cfg, "distill_weight", low=0)
     _number(cfg, "token_distill_weight", low=0)
     _number(cfg, "keep_ratio_weight", low=0)
+    _number(cfg, "predictor_init_steps", int, low=1)
+    _number(cfg, "predictor_init_lr", low=0, open_low=True)
+    _number(cfg, "attention_distill_weight", low=0)
     _number(cfg, "seed", int, low=0)
     _number(cfg, "eval_every", int, low=1)
     _number(cfg, "save_every_steps", int, low=1, optional=True)
