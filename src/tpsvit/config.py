@@ -10,6 +10,7 @@ from tpsvit.errors import InvalidArgumentError
 from tpsvit.methods import SCORER_OVERRIDES, Method, get_method
 
 DEFAULT_LOCATIONS = (3, 6, 9)
+FUSE_MODES = ("sum", "mean")  # EViT's fused token: the release's weighted sum, or a renormalised weighted mean
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class TPSConfig:
         scorer: ``"default"`` or ``"random"`` (random scores, for robustness studies).
         depth: number of blocks of the model.
         num_prefix_tokens: class / distillation / register tokens, never reduced.
+        fuse: EViT's fused token: ``"sum"`` (the release: class-attention-weighted sum of the pruned tokens) or
+            ``"mean"`` (the same weights renormalised; not in the release).
     """
 
     method: str
@@ -36,6 +39,7 @@ class TPSConfig:
     scorer: str
     depth: int
     num_prefix_tokens: int
+    fuse: str = "sum"
 
     @property
     def spec(self) -> Method:
@@ -76,6 +80,7 @@ class TPSConfig:
     def __str__(self) -> str:
         amounts = (f"keep_rate={list(self.keep_rate)}" if self.keep_rate is not None else f"r={list(self.r)}")
         extra = f", scorer={self.scorer}" if self.scorer != "default" else ""
+        extra += f", fuse={self.fuse}" if self.fuse != "sum" else ""
         return f"{self.method} at blocks {list(self.locations)}, {amounts}, temperature={self.temperature}{extra}"
 
 
@@ -88,6 +93,7 @@ def make_config(
     r=None,
     temperature: float = 1.0,
     scorer: str = "default",
+    fuse: str = "sum",
 ) -> TPSConfig:
     """Validate user arguments into a :class:`TPSConfig`, with errors that say what is allowed."""
     spec = get_method(method)
@@ -114,7 +120,11 @@ def make_config(
         raise InvalidArgumentError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORER_OVERRIDES)}")
     if scorer == "random" and spec.reducer == "merge":
         raise InvalidArgumentError("scorer='random' is not defined for ToMe (its matching is its scorer)")
-    return TPSConfig(spec.name, locs, rates, rs, float(temperature), scorer, depth, num_prefix_tokens)
+    if fuse not in FUSE_MODES:
+        raise InvalidArgumentError(f"unknown fuse {fuse!r}; allowed: {', '.join(FUSE_MODES)}")
+    if fuse != "sum" and spec.reducer != "fuse_one":
+        raise InvalidArgumentError(f"fuse={fuse!r} is EViT's option; method {spec.name!r} fuses no token")
+    return TPSConfig(spec.name, locs, rates, rs, float(temperature), scorer, depth, num_prefix_tokens, fuse)
 
 
 def _validate_locations(locations, depth: int) -> tuple[int, ...]:

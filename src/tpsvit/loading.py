@@ -53,6 +53,7 @@ def patch_spec(model: nn.Module) -> dict | None:
         "keep_rate": None if cfg.keep_rate is None else list(cfg.keep_rate),
         "r": None if cfg.r is None else list(cfg.r),
         "temperature": cfg.temperature,
+        "fuse": cfg.fuse,
     }
 
 
@@ -66,6 +67,7 @@ def apply_patch_spec(model: nn.Module, spec: dict | None) -> nn.Module:
             locations=spec["locations"],
             r=spec.get("r"),
             temperature=spec.get("temperature", 1.0),
+            fuse=spec.get("fuse", "sum"),
         )
     return model
 

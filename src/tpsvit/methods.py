@@ -77,7 +77,7 @@ METHODS: dict[str, Method] = {
         Method("dtps", "predictor", "squeeze", "before",
                "TPS, inter-block: learned predictor pruning + squeezing into hosts (needs fine-tuning)"),
         Method("evit", "cls_attention", "fuse_one", "inside",
-               "EViT: class-attention pruning, pruned tokens fused into one extra token"),
+               "EViT: class-attention pruning, pruned tokens fused into one extra token (attention-weighted sum)"),
         Method("dynamicvit", "predictor", "drop", "before",
                "DynamicViT: learned predictor pruning, pruned tokens dropped (needs fine-tuning)"),
         Method("tome", "matching", "merge", "inside",

@@ -174,7 +174,7 @@ def _reduce(block: nn.Module, x: Tensor, runtime: _Runtime) -> Tensor:
         elif spec.reducer == "drop":
             result = drop_reduce(patches, kept, pruned)
         else:
-            result = fuse_one_reduce(patches, kept, pruned, scores)
+            result = fuse_one_reduce(patches, kept, pruned, scores, config.fuse)
     _track(block, state, runtime, result, scores, n)
     return torch.cat([prefix, result.tokens], dim=1)
 
@@ -301,6 +301,7 @@ def patch(
     r=None,
     temperature: float = 1.0,
     scorer: str = "default",
+    fuse: str = "sum",
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place with a token-reduction method; returns the model.
 
@@ -314,12 +315,14 @@ def patch(
             "r in every block".
         temperature: similarity temperature of the squeeze (etps, dtps).
         scorer: ``"random"`` replaces the method's scorer by random scores (robustness studies).
+        fuse: EViT only: ``"sum"`` (the release: the pruned tokens' class-attention-weighted sum) or ``"mean"``
+            (those weights renormalised to a weighted mean; not in the release).
 
     Re-patching a patched model unpatches it first; learned predictors at locations that stay are kept.
     """
     _check_model(model)
     config = make_config(
-        method, len(model.blocks), int(model.num_prefix_tokens), keep_rate, locations, r, temperature, scorer
+        method, len(model.blocks), int(model.num_prefix_tokens), keep_rate, locations, r, temperature, scorer, fuse
     )
     if config.spec.needs_class_token and getattr(model, "cls_token", None) is None:
         raise UnsupportedModelError(

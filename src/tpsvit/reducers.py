@@ -43,12 +43,25 @@ def drop_reduce(x: Tensor, kept: Tensor, pruned: Tensor) -> Reduction:
     return Reduction(gather_tokens(x, kept), kept, pruned, torch.full_like(pruned, -1))
 
 
-def fuse_one_reduce(x: Tensor, kept: Tensor, pruned: Tensor, scores: Tensor) -> Reduction:
-    """EViT: keep the kept tokens and append one token, the score-weighted mean of the pruned ones."""
+def fuse_one_reduce(x: Tensor, kept: Tensor, pruned: Tensor, scores: Tensor, fuse: str = "sum") -> Reduction:
+    """EViT: keep the kept tokens and append one token that fuses the pruned ones.
+
+    ``fuse="sum"`` (the authors' release): the fused token is ``sum_i a_i * x_i`` over the pruned tokens, ``a_i`` the
+    class-token attention (averaged over heads) of token ``i``, *not* renormalised, so the fused token's scale is the
+    attention mass the pruned tokens held. ``fuse="mean"`` (not in the release): the same weights renormalised to sum
+    to one, a weighted mean.
+
+    As in the release, the fused token is appended after the kept tokens and, at a later location, counts as one more
+    token to score, keep or fuse again (keep = ceil(rate * tokens alive)). One difference: the release protects only
+    the class token, so on a distilled DeiT it would score and prune the distillation token; tpsvit never prunes
+    any prefix token (class, distillation, registers).
+    """
     if pruned.shape[1] == 0:
         return Reduction(gather_tokens(x, kept), kept, pruned, pruned.clone())
-    weight = scores.gather(1, pruned).float().clamp_min(0)
-    weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    weight = scores.gather(1, pruned).float()
+    if fuse == "mean":
+        weight = weight.clamp_min(0)
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
     fused = (gather_tokens(x, pruned).float() * weight.unsqueeze(-1)).sum(dim=1, keepdim=True).to(x.dtype)
     host = torch.full_like(pruned, kept.shape[1])
     return Reduction(torch.cat([gather_tokens(x, kept), fused], dim=1), kept, pruned, host, extra=1)
