@@ -311,3 +311,14 @@ def test_models_that_are_not_vits_are_refused():
         tpsvit.patch(torch.nn.Linear(3, 3), "etps")
     with pytest.raises(ValueError, match="not patched"):
         tpsvit.forward_state(tiny_vit())
+
+
+def test_release_keep_rates_reproduce_the_release_counts():
+    from tpsvit.config import make_config
+    from tpsvit.methods import release_keep_rates
+
+    for ratio, counts in ((0.7, [137, 96, 67]), (0.5, [98, 49, 24]), (0.3, [58, 17, 5])):
+        assert [int(196 * ratio ** (i + 1)) for i in range(3)] == counts  # the release: int(N * ratio^i)
+        config = make_config("dynamicvit", 12, 1, release_keep_rates(ratio, 196), (3, 6, 9))
+        seen = [attn for attn, _ in config.patch_tokens_per_block(196)]
+        assert [seen[3], seen[6], seen[9]] == counts

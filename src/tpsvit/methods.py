@@ -59,6 +59,23 @@ def keep_count(n: int, keep_rate: float) -> int:
     return max(1, min(n, math.ceil(keep_rate * n - 1e-9)))
 
 
+def release_keep_rates(ratio: float, num_patches: int, num_locations: int = 3) -> list[float]:
+    """Per-location relative keep rates that reproduce the DynamicViT / TPS releases' token counts exactly.
+
+    The releases keep ``int(num_patches * ratio ** (i + 1))`` of the *initial* patch tokens at the i-th location
+    (ratio 0.7 on 196 patches: 137, 96, 67), while tpsvit's ``keep_rate`` is relative to the tokens alive and rounds
+    up (0.7 each: 138, 97, 68). Pass the result as ``keep_rate`` to get the releases' counts.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise InvalidArgumentError(f"ratio {ratio!r} is outside (0, 1]")
+    rates, alive = [], num_patches
+    for i in range(num_locations):
+        count = max(1, int(num_patches * ratio ** (i + 1)))
+        rates.append(min(1.0, count / alive))
+        alive = keep_count(alive, rates[-1])
+    return rates
+
+
 def tome_merge_count(n: int, keep_rate: float | None = None, r: int | None = None) -> int:
     """Tokens ToMe merges at one block: ``r`` when given, else ``n - keep_count(n, keep_rate)``.
 

@@ -309,7 +309,8 @@ def patch(
         model: a timm ``VisionTransformer`` (DeiT, ViT, DeiT-III, distilled DeiT, register-token ViTs, ...).
         method: ``"etps"``, ``"dtps"`` (TPS) or a baseline: ``"evit"``, ``"dynamicvit"``, ``"tome"``.
         keep_rate: keep rate in (0, 1], one for all locations or one per location, relative to the patch tokens
-            alive at that location (kept = ceil(keep_rate * n)).
+            alive at that location (kept = ceil(keep_rate * n)). The DynamicViT / TPS releases count from the initial
+            tokens instead (floor(N * ratio^i)); :func:`tpsvit.methods.release_keep_rates` converts.
         locations: 0-based block indices where tokens are reduced (paper: 3, 6, 9).
         r: ToMe only: tokens merged per location instead of a keep rate; with the default locations, ToMe's usual
             "r in every block".
