@@ -13,6 +13,7 @@ from tpsvit.errors import (
 from tpsvit.flops import gmacs
 from tpsvit.methods import METHODS
 from tpsvit.patch import ForwardState, forward_state, is_patched, patch, set_keep_rate, tracing, unpatch
+from tpsvit.plan import Schedule, plan
 from tpsvit.squeeze import squeeze, squeeze_masked
 from tpsvit.trace import LocationTrace, Trace, restore
 
@@ -35,6 +36,7 @@ __all__ = [
     "ForwardState",
     "InvalidArgumentError",
     "LocationTrace",
+    "Schedule",
     "TPSConfig",
     "TPSError",
     "Trace",
@@ -44,6 +46,7 @@ __all__ = [
     "gmacs",
     "is_patched",
     "patch",
+    "plan",
     "restore",
     "set_keep_rate",
     "squeeze",
