@@ -8,7 +8,7 @@ from tpsvit.cli import main
 def test_demo_runs_on_the_shipped_models(tmp_path, capsys):
     data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=40)
     out = tmp_path / "demo"
-    code = main(["demo", "--data", str(data), "--methods", "etps", "dtps", "tome", "--budgets", "0.5",
+    code = main(["demo", "--data", "fashion-mnist", "--data-dir", str(data), "--methods", "etps", "dtps", "tome", "--budgets", "0.5",
                  "--out", str(out), "--no-progress", "--batch-size", "16"])
     assert code == 0
     with open(out / "results.csv") as handle:
@@ -27,6 +27,6 @@ def test_demo_runs_on_the_shipped_models(tmp_path, capsys):
 
 def test_demo_rejects_a_bad_budget(tmp_path, capsys):
     data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=8)
-    assert main(["demo", "--data", str(data), "--budgets", "1.5", "--out", str(tmp_path / "d")]) == 2
+    assert main(["demo", "--data-dir", str(data), "--budgets", "1.5", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget 1.5 is outside (0, 1]" in err[0]

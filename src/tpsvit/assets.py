@@ -1,7 +1,12 @@
-"""The models shipped inside the package for the Fashion-MNIST demo (trained by ``tpsvit train`` on a CPU)."""
+"""The models shipped inside the package for the demo (trained by ``tpsvit train`` on a CPU).
+
+Two embedded datasets, each with its base mini-DeiT and short fine-tunes of the learned methods' predictors:
+``fashion-mnist-cluttered`` (the default; 56x56 canvases, 8x8 patches) and ``fashion-mnist`` (28x28, 4x4 patches).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -9,27 +14,53 @@ from torch import nn
 from tpsvit.errors import CheckpointError
 
 ASSETS = Path(__file__).parent / "assets"
-BASE = "mini_deit_fmnist.safetensors"
-# Methods whose predictors must be trained: fine-tuned checkpoints shipped next to the base model.
-FINETUNED = {"dtps": "mini_deit_fmnist_dtps.safetensors", "dynamicvit": "mini_deit_fmnist_dynamicvit.safetensors"}
+DEFAULT_DATA = "fashion-mnist-cluttered"
 
 
-def demo_checkpoint(method: str | None = None) -> Path:
-    """Path of the shipped base model, or of the fine-tuned checkpoint for ``method`` (dtps, dynamicvit)."""
-    name = BASE if method is None else FINETUNED.get(method)
+@dataclass(frozen=True)
+class DemoModels:
+    """The shipped checkpoints of one dataset: the base model and the fine-tuned learned methods."""
+
+    base: str
+    finetuned: dict = field(default_factory=dict)  # method -> file
+    recipe: str = ""  # the recipe that trained the base model
+
+
+DEMO_MODELS = {
+    "fashion-mnist-cluttered": DemoModels(
+        "mini_deit_cluttered.safetensors",
+        {"dtps": "mini_deit_cluttered_dtps.safetensors", "dynamicvit": "mini_deit_cluttered_dynamicvit.safetensors"},
+        "cluttered-scratch"),
+    "fashion-mnist": DemoModels(
+        "mini_deit_fmnist.safetensors",
+        {"dtps": "mini_deit_fmnist_dtps.safetensors", "dynamicvit": "mini_deit_fmnist_dynamicvit.safetensors"},
+        "fmnist-scratch"),
+}
+FINETUNED = tuple(DEMO_MODELS[DEFAULT_DATA].finetuned)  # methods with shipped fine-tuned checkpoints
+
+
+def demo_checkpoint(method: str | None = None, data: str = DEFAULT_DATA) -> Path:
+    """Path of the shipped base model for ``data``, or of its fine-tuned checkpoint for ``method`` (dtps,
+    dynamicvit)."""
+    models = DEMO_MODELS.get(data)
+    if models is None:
+        raise CheckpointError(f"no shipped models for data {data!r}; shipped: {', '.join(DEMO_MODELS)}")
+    name = models.base if method is None else models.finetuned.get(method)
     if name is None:
-        raise CheckpointError(f"no shipped fine-tuned checkpoint for {method!r}; shipped: {', '.join(FINETUNED)}")
+        raise CheckpointError(f"no shipped fine-tuned checkpoint for {method!r}; shipped: "
+                              f"{', '.join(models.finetuned)}")
     path = ASSETS / name
     if not path.is_file():
         raise CheckpointError(
             f"the shipped model {name} is missing from {ASSETS}; train one with "
-            "`tpsvit train --recipe fmnist-scratch --out runs/mini-deit` and pass --checkpoint"
+            f"`tpsvit train --recipe {models.recipe} --out runs/mini-deit` and pass --checkpoint"
         )
     return path
 
 
-def load_demo_model(method: str | None = None) -> nn.Module:
-    """The shipped mini-DeiT (eval mode); for dtps/dynamicvit, the fine-tuned model with its patch and predictors."""
+def load_demo_model(method: str | None = None, data: str = DEFAULT_DATA) -> nn.Module:
+    """The shipped mini-DeiT for ``data`` (eval mode); for dtps/dynamicvit, the fine-tuned model with its patch and
+    predictors."""
     from tpsvit.loading import load_model
 
-    return load_model(checkpoint=demo_checkpoint(method)).eval()
+    return load_model(checkpoint=demo_checkpoint(method, data)).eval()

@@ -134,6 +134,7 @@ class Variant:
     """One row of a comparison: the unpatched model (``method=None``) or one patch.
 
     ``locations=None`` with ``r`` set means ToMe's r in every block. ``budget`` records the budget it was solved for.
+    ``scorer="random"`` replaces the method's scorer by random scores (robustness rows).
     """
 
     method: str | None = None
@@ -141,6 +142,7 @@ class Variant:
     r: int | None = None
     locations: tuple[int, ...] | None = DEFAULT_LOCATIONS
     budget: str | None = None
+    scorer: str = "default"
 
     @property
     def label(self) -> str:
@@ -150,7 +152,8 @@ class Variant:
         amount = self.amount
         where = "" if self.locations in (None, DEFAULT_LOCATIONS) else f" @{','.join(map(str, self.locations))}"
         budget = f" [{self.budget}]" if self.budget else ""
-        return f"{self.method} {amount}{where}{budget}"
+        scorer = " (random scores)" if self.scorer != "default" else ""
+        return f"{self.method}{scorer} {amount}{where}{budget}"
 
     @property
     def amount(self) -> str:
@@ -166,6 +169,8 @@ class Variant:
     def patch_kwargs(self) -> dict:
         """Keyword arguments of :func:`tpsvit.patch` (after the model)."""
         kwargs = {"method": self.method}
+        if self.scorer != "default":
+            kwargs["scorer"] = self.scorer
         if self.r is not None:
             kwargs["r"] = self.r
             kwargs["locations"] = self.locations if self.locations is not None else DEFAULT_LOCATIONS
@@ -186,7 +191,8 @@ class Variant:
         """Plain data for JSON."""
         rate = list(self.keep_rate) if isinstance(self.keep_rate, tuple) else self.keep_rate
         return {"label": self.label, "method": self.method, "keep_rate": rate, "r": self.r,
-                "locations": None if self.locations is None else list(self.locations), "budget": self.budget}
+                "locations": None if self.locations is None else list(self.locations), "budget": self.budget,
+                "scorer": self.scorer}
 
 
 def plan_variants(model, methods: Sequence[str] = ("etps",), keep_rates: Sequence[float] = (0.7,),

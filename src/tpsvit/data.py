@@ -30,7 +30,8 @@ FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 FASHION_MNIST_NAMES = ("fashion-mnist", "fmnist", "fashion_mnist")
 CLUTTERED_NAMES = ("fashion-mnist-cluttered", "fmnist-cluttered", "cluttered")
-DATASET_NAMES = ("fashion-mnist", "fashion-mnist-cluttered")
+# The embedded dataset that a grey model of each input size (channels, height, width) takes by default.
+DEFAULT_DATA_BY_INPUT = {(1, 28, 28): "fashion-mnist", (1, 56, 56): "fashion-mnist-cluttered"}
 IDX_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",

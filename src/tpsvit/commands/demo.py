@@ -1,10 +1,10 @@
-"""TPS on real images in minutes: the shipped Fashion-MNIST mini-DeiT, unpatched vs five methods at three budgets.
+"""TPS on real images in minutes: a shipped mini-DeiT, unpatched vs five methods at three budgets.
 
-Loads the mini-DeiT shipped in tpsvit/assets (trained from scratch by ``tpsvit train``) and, for dtps / dynamicvit,
-the shipped short fine-tunes of their predictors. Every method is patched at the paper's locations (3, 6, 9) with the
-keep rate that the budget solver picks for each budget (ToMe: its usual r in every block), all evaluated in one pass
-over the Fashion-MNIST test set. Prints the table, writes results.csv / results.json, an accuracy-vs-GMACs plot and a
-token map of one test image into ``--out``.
+Loads the mini-DeiT shipped in tpsvit/assets for ``--data`` (cluttered Fashion-MNIST by default, plain Fashion-MNIST
+on request; each trained from scratch by ``tpsvit train``) and, for dtps / dynamicvit, the shipped short fine-tunes of
+their predictors. Every method is patched at the paper's locations (3, 6, 9) with the keep rate that the budget solver
+picks for each budget (ToMe: its usual r in every block), all evaluated in one pass over the test set. Prints the
+table, writes results.csv / results.json, an accuracy-vs-GMACs plot and token maps of a few test images into ``--out``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from tpsvit.assets import FINETUNED, demo_checkpoint
+from tpsvit.assets import DEFAULT_DATA, DEMO_MODELS, demo_checkpoint
 from tpsvit.bench import environment, format_environment
 from tpsvit.budget import Variant, plan_variants
 from tpsvit.commands.evaluate import COLUMNS, weights_status
-from tpsvit.data import FASHION_MNIST_CLASSES, FashionMNIST
+from tpsvit.commands.flops import with_scorer
+from tpsvit.data import FASHION_MNIST_CLASSES, ClutteredFashionMNIST, FashionMNIST
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
 from tpsvit.flops import gmacs
 from tpsvit.loading import checkpoint_metadata, load_model
@@ -36,21 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"methods to compare (default: all: {' '.join(METHODS)})")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="evaluate the first N test images only (default: all 10,000)")
-    parser.add_argument("--data", metavar="DIR", help="folder with the Fashion-MNIST IDX files (default: found)")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--data", choices=list(DEMO_MODELS), default=DEFAULT_DATA,
+                        help=f"embedded dataset and its shipped models (default: {DEFAULT_DATA})")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder with the Fashion-MNIST IDX files (default: found)")
+    parser.add_argument("--scorer", choices=["default", "random"], default="default",
+                        help="random: the pruning methods score tokens randomly (robustness study; ToMe unchanged)")
+    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     parser.add_argument("--out", metavar="DIR", default="tpsvit-demo", help="output folder (default: ./tpsvit-demo)")
     parser.add_argument("--checkpoint", metavar="FILE", help="a base model other than the shipped one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _models(args) -> tuple[torch.nn.Module, dict, dict[str, torch.nn.Module], dict[str, dict]]:
-    base_path = args.checkpoint or demo_checkpoint()
+    base_path = args.checkpoint or demo_checkpoint(None, args.data)
     base = load_model(checkpoint=base_path).eval()
     tuned, tuned_meta = {}, {}
     if args.checkpoint is None:
-        for method in FINETUNED:
+        for method in DEMO_MODELS[args.data].finetuned:
             if method in args.methods:
-                path = demo_checkpoint(method)
+                path = demo_checkpoint(method, args.data)
                 tuned[method] = load_model(checkpoint=path).eval()
                 tuned_meta[method] = checkpoint_metadata(path)
     return base, checkpoint_metadata(base_path), tuned, tuned_meta
@@ -66,8 +71,9 @@ def _variants(base, methods, budgets) -> list[Variant]:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     base, base_meta, tuned, tuned_meta = _models(args)
-    images, labels = FashionMNIST(root=args.data, train=False, limit=args.limit).tensors()
-    variants = _variants(base, args.methods, args.budgets)
+    dataset = ClutteredFashionMNIST if args.data == "fashion-mnist-cluttered" else FashionMNIST
+    images, labels = dataset(root=args.data_dir, train=False, limit=args.limit).tensors()
+    variants = with_scorer(_variants(base, args.methods, args.budgets), args.scorer)
     models, rows = {}, []
     for variant in variants:
         source, meta = (tuned[variant.method], tuned_meta[variant.method]) if variant.method in tuned else (
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append({**variant.as_dict(), "name": variant.method or "unpatched", "amount": variant.amount,
                      "gmacs": gmacs(models[variant.label]), "status": weights_status(variant, source, meta)})
     env = environment("cpu", None)
-    print(f"tpsvit demo: {base_meta.get('model', 'model')} on Fashion-MNIST test ({len(labels)} images) | "
+    print(f"tpsvit demo: {base_meta.get('model', 'model')} on {args.data} test ({len(labels)} images) | "
           f"{format_environment(env)}")
     results = evaluate_many(models, (images, labels), batch_size=args.batch_size, device="cpu",
                             progress=not args.no_progress, desc="demo")
@@ -89,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     paths = [
         write_csv(rows, out / "results.csv"),
-        write_json({"environment": env, "count": len(labels), "base": base_meta, "rows": rows}, out / "results.json"),
-        plot_accuracy_vs_gmacs(rows, out / "accuracy_vs_gmacs.png", title="mini-DeiT on Fashion-MNIST"),
+        write_json({"environment": env, "data": args.data, "count": len(labels), "base": base_meta, "rows": rows},
+                   out / "results.json"),
+        plot_accuracy_vs_gmacs(rows, out / "accuracy_vs_gmacs.png", title=f"mini-DeiT on {args.data}"),
     ]
     paths += _token_maps(models, variants, images, labels, out)
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -1,7 +1,8 @@
 """Top-1/top-5 accuracy, GMACs and images/s of the unpatched and patched model on a labelled dataset.
 
-Data: Fashion-MNIST (``--data fashion-mnist`` or a folder of its IDX files; the default for 28x28 grey models) or an
-ImageFolder tree (ImageNet val layout). Every variant is evaluated in the same pass over the data; images/s is the
+Data: Fashion-MNIST (``--data fashion-mnist`` or a folder of its IDX files; the default for 28x28 grey models), its
+cluttered variant (``--data fashion-mnist-cluttered``; the default for 56x56 grey models) or an ImageFolder tree
+(ImageNet val layout). Every variant is evaluated in the same pass over the data; images/s is the
 forward time measured during that pass. Writes ``results.csv``, ``results.json`` and ``accuracy_vs_gmacs.png`` into
 ``--out``.
 """
@@ -9,6 +10,7 @@ forward time measured during that pass. Writes ``results.csv``, ``results.json``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,21 +18,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from tpsvit.bench import environment, format_environment, input_size
-from tpsvit.budget import Variant
+from tpsvit.budget import Variant, schedule_gmacs
 from tpsvit.commands.flops import (
     add_model_arguments,
     add_variant_arguments,
     load_base_model,
     make_variant,
     variants_from_args,
+    with_scorer,
 )
-from tpsvit.data import FashionMNIST, build_dataset, num_classes_of
-from tpsvit.errors import DatasetError
+from tpsvit.data import DEFAULT_DATA_BY_INPUT, ClutteredFashionMNIST, FashionMNIST, build_dataset, num_classes_of
+from tpsvit.errors import DatasetError, InvalidArgumentError
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
 from tpsvit.flops import gmacs
 from tpsvit.loading import checkpoint_metadata
 from tpsvit.methods import get_method
 from tpsvit.patch import PREDICTORS, is_patched
+from tpsvit.plan import plan
 
 COLUMNS = [
     ("name", "method", ""),
@@ -49,13 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_variant_arguments(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="NAME_OR_DIR",
-                       help="'fashion-mnist', a folder of Fashion-MNIST IDX files, or an ImageFolder tree "
-                            "root/<class>/<image> (default: fashion-mnist for 28x28 grey models)")
+                       help="'fashion-mnist', 'fashion-mnist-cluttered', a folder of Fashion-MNIST IDX files, or an "
+                            "ImageFolder tree root/<class>/<image> (default: fashion-mnist for 28x28 grey models, "
+                            "fashion-mnist-cluttered for 56x56 ones)")
     group.add_argument("--split", choices=["test", "train"], default="test", help="Fashion-MNIST split (default: test)")
     group.add_argument("--limit", type=int, metavar="N", help="evaluate N images only (a deterministic subset)")
     group.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                        help="ImageFolder loader processes (default: up to 4)")
+    parser.add_argument("--scorer", choices=["default", "random"], default="default",
+                        help="random: every pruning method scores tokens randomly (robustness study; ToMe unchanged)")
+    group = parser.add_argument_group("schedule")
+    group.add_argument("--schedule", choices=["fixed", "auto"], default="fixed",
+                       help="budget rows: fixed = the paper's schedule (keep rate solved at --locations, ToMe's r in "
+                            "every block); auto = the best of a few schedule families at the same GMACs by top-1 on "
+                            "calibration images from the training split (tpsvit.plan; beyond the papers)")
+    group.add_argument("--calib-images", type=int, default=1000, metavar="N",
+                       help="--schedule auto: calibration images, the first N of the training split (default: 1000)")
+    group.add_argument("--calib-data", metavar="DIR",
+                       help="--schedule auto with ImageFolder data: an ImageFolder tree of training images")
     parser.add_argument("--device", help="cpu, cuda ... (default: cuda when available, else cpu)")
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (default: fp32)")
     parser.add_argument("--out", metavar="DIR", help="write results.csv, results.json and accuracy_vs_gmacs.png here")
@@ -90,15 +106,16 @@ def load_data(args: argparse.Namespace, model):
     chans, h, w = input_size(model)
     data = args.data
     if data is None:
-        if (chans, h, w) != (1, 28, 28):
+        data = DEFAULT_DATA_BY_INPUT.get((chans, h, w))
+        if data is None:
             raise DatasetError(f"this model takes {chans}x{h}x{w} images; pass --data with an ImageFolder tree "
-                               "(root/<class>/<image>) or 'fashion-mnist'")
-        data = "fashion-mnist"
+                               "(root/<class>/<image>), 'fashion-mnist' or 'fashion-mnist-cluttered'")
     dataset = build_dataset(data, train=args.split == "train", img_size=h, in_chans=chans, model=model,
                             limit=args.limit)
     classes = num_classes_of(dataset)
     if isinstance(dataset, FashionMNIST):
-        return dataset.tensors(), f"Fashion-MNIST {args.split} ({dataset.root})", classes
+        name = "cluttered Fashion-MNIST" if isinstance(dataset, ClutteredFashionMNIST) else "Fashion-MNIST"
+        return dataset.tensors(), f"{name} {args.split} ({dataset.root})", classes
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=torch.cuda.is_available())
     return loader, f"ImageFolder {data}", classes
@@ -117,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
     if classes > model_classes:
         raise DatasetError(f"{description} has {classes} classes but the model predicts {model_classes}; "
                            "use a model or checkpoint trained for this dataset")
-    variants = variants_from_args(args, base)
+    variants, schedules = variants_from_args(args, base), []
+    if args.schedule == "auto":
+        variants, schedules = auto_schedules(args, base, variants)
+    variants = with_scorer(variants, args.scorer)
     models = {v.label: make_variant(base, v) for v in variants}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device, args.amp)
@@ -136,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             "gmacs": gmacs(models[label]),
             **results[label],
             "status": weights_status(variant, base, meta),
+            "schedule": _schedule_of(variant, schedules),
         })
     print(format_table(rows, COLUMNS))
     count = rows[0]["count"]
@@ -144,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         report = {"model": name, "checkpoint": checkpoint, "data": description, "split": args.split,
                   "limit": args.limit, "count": count, "batch_size": args.batch_size, "environment": env,
-                  "provenance": {k: v for k, v in meta.items() if k not in ("model_kwargs",)}, "rows": rows}
+                  "provenance": {k: v for k, v in meta.items() if k not in ("model_kwargs",)},
+                  "schedule": args.schedule, "schedules": [s.as_dict() for _, s in schedules], "rows": rows}
         paths = [
             write_csv(rows, out / "results.csv"),
             write_json(report, out / "results.json"),
@@ -152,3 +174,63 @@ def run(args: argparse.Namespace) -> int:
         ]
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def load_calibration(args: argparse.Namespace, model):
+    """The first ``--calib-images`` training images: Fashion-MNIST's training split, or ``--calib-data``."""
+    if isinstance(args.calib_images, bool) or args.calib_images < 1:
+        raise InvalidArgumentError(f"--calib-images must be >= 1, got {args.calib_images}")
+    chans, h, w = input_size(model)
+    source = args.calib_data
+    if source is None:
+        source = args.data or DEFAULT_DATA_BY_INPUT.get((chans, h, w))
+        dataset = None if source is None else build_dataset(source, train=True, img_size=h, in_chans=chans,
+                                                            model=model, limit=args.calib_images)
+        if not isinstance(dataset, FashionMNIST):
+            raise InvalidArgumentError("--schedule auto on ImageFolder data needs --calib-data DIR, an ImageFolder "
+                                       "tree of training images (never the test images)")
+    else:
+        dataset = build_dataset(source, train=False, img_size=h, in_chans=chans, model=model, limit=args.calib_images)
+    if isinstance(dataset, FashionMNIST):
+        return dataset.tensors(), f"{len(dataset)} training images"
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers), f"{len(dataset)} from {source}"
+
+
+def auto_schedules(args: argparse.Namespace, base, variants: list[Variant]) -> tuple[list[Variant], list]:
+    """Replace each budget row's schedule by the best one :func:`tpsvit.plan` finds on calibration images."""
+    budget_rows = [v for v in variants if v.budget and v.method is not None]
+    if not budget_rows:
+        raise InvalidArgumentError("--schedule auto chooses the schedule of the budget rows; add --budget or --gmacs")
+    calib, what = load_calibration(args, base)
+    budget = args.budget if args.budget is not None else args.gmacs / schedule_gmacs(base, img_size=args.img_size)
+    out, schedules = [], []
+    for variant in variants:
+        if variant not in budget_rows:
+            out.append(variant)
+            continue
+        try:
+            schedule = plan(base, variant.method, budget, data=calib, batch_size=args.batch_size,
+                            img_size=args.img_size)
+        except InvalidArgumentError as err:
+            if not get_method(variant.method).learned:
+                raise
+            print(f"auto schedule: {variant.method} keeps the fixed schedule ({err})")
+            out.append(variant)
+            continue
+        every_block = schedule.r is not None and schedule.locations == tuple(range(len(base.blocks)))
+        chosen = dataclasses.replace(variant, keep_rate=schedule.keep_rate if schedule.r is None else None,
+                                     r=schedule.r, locations=None if every_block else schedule.locations,
+                                     budget=f"{variant.budget}, auto")
+        fixed = schedule.fixed
+        versus = "" if fixed is None else f"; fixed schedule {fixed.top1:.2f}% ({fixed.family})"
+        print(f"auto schedule {schedule}{versus} [{what}]")
+        out.append(chosen)
+        schedules.append((chosen, schedule))
+    return out, schedules
+
+
+def _schedule_of(variant: Variant, schedules: list) -> str:
+    for chosen, schedule in schedules:
+        if chosen == variant:
+            return f"auto: {schedule.best.family}"
+    return "fixed" if variant.budget else ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 
 import torch
 
@@ -82,6 +83,14 @@ def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
         else:
             keep_rates = [0.7]
     return plan_variants(base, methods, keep_rates, args.r or (), locations, args.budget, args.gmacs, args.img_size)
+
+
+def with_scorer(variants: list[Variant], scorer: str) -> list[Variant]:
+    """``scorer="random"``: every variant that has a scorer to replace gets random scores (ToMe and the unpatched
+    model stay as they are, as reference rows)."""
+    if scorer == "default":
+        return variants
+    return [v if v.method in (None, "tome") else dataclasses.replace(v, scorer=scorer) for v in variants]
 
 
 def make_variant(base, variant: Variant):

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="IMAGE",
                         help="image files or folders of images (searched recursively)")
     data = parser.add_argument_group("dataset samples")
-    data.add_argument("--data", help="'fashion-mnist', a folder of Fashion-MNIST IDX files or an ImageFolder tree "
-                                     f"(default without IMAGE: fashion-mnist, {DEFAULT_SAMPLES} samples)")
+    data.add_argument("--data", help="'fashion-mnist', 'fashion-mnist-cluttered', a folder of Fashion-MNIST IDX files "
+                                     "or an ImageFolder tree (default without IMAGE: the embedded dataset of the "
+                                     f"model's input size, {DEFAULT_SAMPLES} samples)")
     data.add_argument("--split", choices=("test", "train"), default="test", help="dataset split (default: test)")
     pick = data.add_mutually_exclusive_group()
     pick.add_argument("--index", type=int, nargs="+", metavar="I", help="sample indices to draw")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if paths:
         sources.append(image_files(paths, model))
     if args.data is not None or not args.inputs:
-        sources.append(dataset_samples(args.data or "fashion-mnist", args.split, args.index, args.samples, model))
+        sources.append(dataset_samples(args.data or _default_data(model), args.split, args.index, args.samples, model))
     written = []
     for source in sources:
         written += visualize(model, source.pop("images"), args.out, panel_size=args.panel_size, dpi=args.dpi,
@@ -183,6 +184,19 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def _default_data(model: nn.Module) -> str:
+    from tpsvit.data import DEFAULT_DATA_BY_INPUT
+    from tpsvit.viz import model_data_config
+
+    return DEFAULT_DATA_BY_INPUT.get(tuple(model_data_config(model)["input_size"]), "fashion-mnist")
+
+
+def _dataset_name(dataset) -> str:
+    from tpsvit.data import ClutteredFashionMNIST
+
+    return "fashion-mnist-cluttered" if isinstance(dataset, ClutteredFashionMNIST) else "fashion-mnist"
+
+
 def dataset_samples(data: str, split: str, index: list[int] | None, samples: int | None, model: nn.Module) -> dict:
     """Samples of a dataset -> ``visualize`` keyword arguments (names, true labels, class names, mean/std)."""
     from tpsvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, build_dataset
@@ -208,7 +222,7 @@ def dataset_samples(data: str, split: str, index: list[int] | None, samples: int
     classes = list(dataset.classes)
     same_classes = int(getattr(model, "num_classes", 0)) == len(classes)
     labels = [label if same_classes else classes[label] for _, label in items]
-    prefix = f"fashion-mnist_{split}" if isinstance(dataset, FashionMNIST) else Path(data).name
+    prefix = f"{_dataset_name(dataset)}_{split}" if isinstance(dataset, FashionMNIST) else Path(data).name
     return {
         "images": torch.stack([image for image, _ in items]),
         "names": [f"{prefix}_{i}" for i in index],

@@ -81,7 +81,7 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
     amount = _solve_budget(cfg, model) if cfg.budget is not None else {"keep_rate": cfg.keep_rate, "r": cfg.r}
     if cfg.keep_rate_anneal_epochs and amount["r"] is not None:
         raise InvalidArgumentError("keep_rate_anneal_epochs works with keep_rate, not with ToMe's r")
-    return tpsvit.patch(model, cfg.method, locations=tuple(cfg.locations), **amount)
+    return tpsvit.patch(model, cfg.method, locations=tuple(cfg.locations), scorer=cfg.scorer, **amount)
 
 
 def _teacher(cfg, start: nn.Module, trained: bool, notes: list) -> nn.Module | None:

@@ -50,7 +50,8 @@ class TrainConfig:
     locations: list = field(default_factory=lambda: [3, 6, 9])
     r: Any = None  # ToMe: tokens merged per location instead of a keep rate
     budget: float | None = None  # fraction of the unpatched GMACs; keep_rate (ToMe with r set: r) solved to meet it
-    keep_rate_anneal_epochs: float = 0.0  # EViT-style: keep rate goes linearly from 1 to keep_rate over these epochs
+    keep_rate_anneal_epochs: float = 0.0
+    scorer: str = "default"  # default | random (random scores: the robustness study's fine-tuned rows)  # EViT-style: keep rate goes linearly from 1 to keep_rate over these epochs
     # data
     data: str | None = None  # 'fashion-mnist', a folder of Fashion-MNIST IDX files, or an ImageFolder root
     train_split: str = "train"  # ImageFolder: sub-folder for training (if present)
@@ -256,6 +257,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice(cfg, "augment", AUGMENTS)
     _choice(cfg, "amp", AMP_MODES)
     _choice(cfg, "token_distill_loss", TOKEN_DISTILL_LOSSES)
+    _choice(cfg, "scorer", ("default", "random"))
     _choice(cfg, "predictor_init", PREDICTOR_INITS)
     _choice(cfg, "predictor_loss", PREDICTOR_LOSSES)
     if isinstance(cfg.locations, int) and not isinstance(cfg.locations, bool):
