@@ -131,6 +131,23 @@ def test_fine_tuned_checkpoint_is_labelled(fmnist_dir, tmp_path):
     assert status["etps"] == "off-the-shelf"
 
 
+def test_eval_auto_schedule(fmnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_eval("--model", "deit_mini_patch4_28", "--data", fmnist_dir, "--methods", "etps", "dtps", "tome",
+                    "--budget", "0.5", "--schedule", "auto", "--calib-images", "8", "--limit", "12", "--out", out)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("auto schedule ") == 2 and "dtps keeps the fixed schedule" in printed
+    report = json.loads((out / "results.json").read_text())
+    assert report["schedule"] == "auto" and [s["method"] for s in report["schedules"]] == ["etps", "tome"]
+    assert all(s["calibration_images"] == 8 and s["chosen"]["top1"] >= s["fixed"]["top1"] for s in report["schedules"])
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["etps"]["schedule"].startswith("auto: ") and rows["dtps"]["schedule"] == "fixed"
+    assert all(rows[m]["gmacs"] <= 0.5 * rows[None]["gmacs"] for m in ("etps", "dtps", "tome"))
+    assert run_eval("--model", "deit_mini_patch4_28", "--data", fmnist_dir, "--schedule", "auto") == 2
+    assert "add --budget or --gmacs" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not SYSTEM_DIR.is_dir(), reason="Fashion-MNIST is not installed in /usr/share/datasets")
 def test_grey_28px_model_defaults_to_fashion_mnist(capsys):
     assert run_eval("--model", "deit_mini_patch4_28", "--limit", "16", "--keep-rates", "0.5") == 0
