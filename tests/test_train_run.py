@@ -156,24 +156,107 @@ def test_two_gloo_ranks_hold_identical_weights(data, tmp_path):
     assert metrics["summary"]["world_size"] == 2 and metrics["summary"]["global_step"] == 3
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("method, kwargs", [
+    ("none", {}),
+    ("dtps", {"keep_rate": 0.5, "locations": (1, 2)}),  # masked path: Gumbel decisions, policy, keep-ratio loss
+    ("dynamicvit", {"keep_rate": 0.5, "locations": (1, 2)}),
+    ("etps", {"keep_rate": 0.5, "locations": (1, 2)}),  # gather path: shorter sequences, positions
+    ("tome", {"keep_rate": 1.0, "r": 8, "locations": (1, 2)}),  # sizes and proportional attention
+])
+def test_grad_checkpointing_covers_patched_blocks_and_changes_nothing(method, kwargs):
     import timm
 
-    def grads(checkpointed: bool):
+    from tpsvit.train.losses import keep_ratio_loss
+
+    def run(checkpointed: bool):
         torch.manual_seed(0)
-        model = timm.create_model("deit_mini_patch4_28", **TINY)
-        tpsvit.patch(model, "dtps", keep_rate=0.5, locations=(2,))
+        model = timm.create_model("deit_mini_patch4_28", drop_path_rate=0.1, **TINY)
+        if method != "none":
+            tpsvit.patch(model, method, **kwargs)
         if checkpointed:
-            assert enable_grad_checkpointing(model) == 2
+            assert enable_grad_checkpointing(model) == len(model.blocks)  # every block, patched ones too
         model.train()
         torch.manual_seed(1)
-        model(torch.randn(4, 1, 28, 28)).logsumexp(-1).sum().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss = model(torch.randn(4, 1, 28, 28)).logsumexp(-1).sum()
+        state = tpsvit.forward_state(model) if method != "none" else None
+        if state is not None and state.decisions:
+            loss = loss + keep_ratio_loss(state.decisions, model.tps.keep_rate)  # gradients through the decisions
+        positions = None if state is None or state.positions is None else state.positions.clone()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, positions
 
-    plain, checkpointed = grads(False), grads(True)
+    (loss_a, plain, pos_a), (loss_b, checkpointed, pos_b) = run(False), run(True)
+    assert torch.equal(loss_a, loss_b)
+    assert (pos_a is None) == (pos_b is None) and (pos_a is None or torch.equal(pos_a, pos_b))
     assert plain.keys() == checkpointed.keys()
+    if method in ("dtps", "dynamicvit"):
+        assert any(name.startswith("tps_predictors.") for name in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointed_run_trains_like_the_plain_one(data, tmp_path):
+    common = dict(method="dtps", locations=[1, 2], keep_rate=0.5, teacher="auto", epochs=1, steps_per_epoch=3,
+                  val_limit=40, drop_path=0.1)
+    plain = train(config(data, tmp_path / "plain", **common))
+    checkpointed = train(config(data, tmp_path / "ckpt", grad_checkpointing=True, **common))
+    a, b = plain["model"].state_dict(), checkpointed["model"].state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("world, accum, cap, expected", [
+    (1, 1, None, (1024, 1)),
+    (1, 1, 128, (128, 8)),  # one GPU: the recipe's 1024 as 8 x 128
+    (2, 1, 128, (128, 4)),
+    (8, 1, 128, (128, 1)),
+    (1, 1, 100, (64, 16)),  # the largest micro-batch that divides the batch and fits
+    (1, 4, 512, (256, 4)),  # accum_steps is a floor
+    (3, 1, 10, (8, 4)),  # 96 / 3 ranks = 32 per rank = 4 x 8
+])
+def test_device_batch_keeps_the_global_batch(world, accum, cap, expected):
+    from tpsvit.train.distributed import split_batch
+
+    global_batch = 96 if world == 3 else 1024
+    per_rank, steps = split_batch(global_batch, world, accum, cap)
+    assert (per_rank, steps) == expected
+    assert per_rank * steps * world == global_batch and (cap is None or per_rank <= cap)
+
+
+def test_device_batch_that_cannot_split(data, tmp_path):
+    from tpsvit.train.distributed import split_batch
+
+    with pytest.raises(InvalidArgumentError, match="not divisible by world size 3"):
+        split_batch(1024, 3, 1, 64)
+    with pytest.raises(InvalidArgumentError, match="at least 64 accumulation steps"):
+        split_batch(32, 1, 64, 8)
+
+
+def test_device_batch_run_prints_the_split_and_matches_accumulation(data, tmp_path, capsys):
+    common = dict(epochs=1, steps_per_epoch=2, val_limit=40, batch_size=32)
+    accumulated = train(config(data, tmp_path / "accum", accum_steps=4, **common))
+    capped = train(config(data, tmp_path / "cap", device_batch=10, **common))  # 32 = 8 x 4
+    err = capsys.readouterr().err
+    assert "global batch 32 = 1 ranks x 8 per device x 4 accum (device_batch 10)" in err
+    a, b = accumulated["model"].state_dict(), capped["model"].state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_out_of_memory_says_what_to_set(data, tmp_path, monkeypatch):
+    from tpsvit.train import engine
+
+    def oom(self, x):
+        raise engine.OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine._WithFeatures, "forward", oom)
+    with pytest.raises(InvalidArgumentError) as info:
+        train(config(data, tmp_path / "oom", batch_size=32, epochs=1))
+    message = str(info.value)
+    assert "out of memory on cpu at 32 images per device" in message
+    assert "--device-batch 16" in message and "global batch 32" in message and "--grad-checkpointing" in message
+    assert isinstance(info.value.__cause__, engine.OUT_OF_MEMORY)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -107,3 +107,28 @@ def per_rank_batch(global_batch: int, world_size: int, accum_steps: int) -> int:
             f"= {parts}; use a multiple of {parts}"
         )
     return global_batch // parts
+
+
+def split_batch(global_batch: int, world_size: int, accum_steps: int = 1,
+                device_batch: int | None = None) -> tuple[int, int]:
+    """(per-rank micro-batch, accumulation steps) that make up ``global_batch`` on ``world_size`` ranks.
+
+    Without ``device_batch``: ``accum_steps`` as given. With it: the fewest accumulation steps (at least
+    ``accum_steps``) whose micro-batch divides the global batch exactly and is at most ``device_batch`` images, so the
+    global batch (and hence the recipe's lr) stays the same however little memory a device has.
+    """
+    if device_batch is None:
+        return per_rank_batch(global_batch, world_size, accum_steps), accum_steps
+    if device_batch < 1:
+        raise InvalidArgumentError(f"device_batch={device_batch} is not allowed; expected an integer >= 1")
+    per_rank_total, rest = divmod(global_batch, world_size)
+    if rest:
+        raise InvalidArgumentError(f"batch_size {global_batch} is not divisible by world size {world_size}; use a "
+                                   f"multiple of {world_size}")
+    for accum in range(max(1, accum_steps), per_rank_total + 1):
+        if per_rank_total % accum == 0 and per_rank_total // accum <= device_batch:
+            return per_rank_total // accum, accum
+    raise InvalidArgumentError(
+        f"batch_size {global_batch} on {world_size} rank(s) cannot be split into micro-batches of at most "
+        f"{device_batch} with at least {accum_steps} accumulation steps; change device_batch or accum_steps"
+    )

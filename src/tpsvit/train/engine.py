@@ -54,6 +54,9 @@ from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, resolve, valid_ke
 LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio", "attention_distill")
 
 
+# torch >= 2.5 has torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class there and exists before
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 WARM_START_EPOCH = 1_000_003  # the warm start's data order: unlike any training epoch's
 
 
@@ -116,7 +119,8 @@ class Run:
         if self.state is not None:
             cfg = self._reconcile(cfg, TrainConfig(**self.state["config"]))
         self.cfg = cfg
-        self.per_rank = distributed.per_rank_batch(cfg.batch_size, info.world_size, cfg.accum_steps)
+        self.per_rank, self.accum = distributed.split_batch(cfg.batch_size, info.world_size, cfg.accum_steps,
+                                                            cfg.device_batch)
         self.mixup_active = cfg.mixup > 0 or cfg.cutmix > 0
         if self.mixup_active and self.per_rank % 2:
             raise InvalidArgumentError(f"mixup/cutmix need an even per-rank batch, got {self.per_rank}; change "
@@ -130,7 +134,7 @@ class Run:
                                pin_memory=info.device.type == "cuda")
         if len(self.data.classes) != self.model.num_classes:
             raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {self.model.num_classes}")
-        self.steps_per_epoch = len(self.data.train) // cfg.accum_steps
+        self.steps_per_epoch = len(self.data.train) // self.accum
         if cfg.steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
         if self.steps_per_epoch == 0:
@@ -293,24 +297,28 @@ class Run:
         self._seed_step(epoch, step)
         self._anneal()
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
-        for micro in range(cfg.accum_steps):
+        accum = self.accum
+        for micro in range(accum):
             x, y = next(batches)
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             target = y
             if self.mixup is not None:
                 x, target = self.mixup(x, y)
-            last = micro == cfg.accum_steps - 1
+            last = micro == accum - 1
             sync = self.net.no_sync() if info.distributed and not last else contextlib.nullcontext()
-            with sync:
-                with self._autocast():
-                    logits, features = self.net(x)
-                    terms = self._losses(x, logits, features, target)
-                if not torch.isfinite(terms["total"]):
-                    raise FloatingPointError(f"loss is {terms['total'].item()} at epoch {epoch + 1} step {step}; "
-                                             "lower lr or use amp=none")
-                self.scaler.scale(terms["total"] / cfg.accum_steps).backward()
+            try:
+                with sync:
+                    with self._autocast():
+                        logits, features = self.net(x)
+                        terms = self._losses(x, logits, features, target)
+                    if not torch.isfinite(terms["total"]):
+                        raise FloatingPointError(f"loss is {terms['total'].item()} at epoch {epoch + 1} step {step}; "
+                                                 "lower lr or use amp=none")
+                    self.scaler.scale(terms["total"] / accum).backward()
+            except OUT_OF_MEMORY as err:
+                raise InvalidArgumentError(self.out_of_memory_message()) from err
             for key, value in terms.items():
-                sums[key] += float(value.detach()) / cfg.accum_steps
+                sums[key] += float(value.detach()) / accum
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
@@ -320,6 +328,23 @@ class Run:
         self.scheduler.step()
         self.global_step += 1
         return sums
+
+    def _device_batch_note(self) -> str:
+        cap = self.cfg.device_batch
+        return f" (device_batch {cap})" if cap is not None else ""
+
+    def out_of_memory_message(self) -> str:
+        """What to set when a micro-step runs out of device memory."""
+        cfg, info = self.cfg, self.info
+        smaller = max(1, self.per_rank // 2)
+        hints = [f"--device-batch {smaller} (config key device_batch; gradient accumulation is raised automatically "
+                 f"to keep the global batch {cfg.batch_size})"]
+        if not cfg.grad_checkpointing:
+            hints.append("--grad-checkpointing")
+        again = " and rerun with --resume" if (self.out / STATE_FILE).exists() else " and rerun"
+        return (f"out of memory on {info.device} at {self.per_rank} images per device and micro-step (global batch "
+                f"{cfg.batch_size} = {info.world_size} rank(s) x {self.per_rank} x {self.accum} accumulation steps); "
+                f"set {' and/or '.join(hints)}{again}")
 
     def current_lr(self) -> float:
         """The predictor (main) learning rate now."""
@@ -402,7 +427,7 @@ class Run:
         self.net.train()
         prior = float(self.partial.get("elapsed", 0.0)) if start else 0.0
         sums = {k: float(self.partial.get(k, 0.0)) if start else 0.0 for k in LOSS_KEYS}
-        batches = self.data.train.batches(epoch, start * cfg.accum_steps)
+        batches = self.data.train.batches(epoch, start * self.accum)
         bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not info.is_main, file=sys.stderr, dynamic_ncols=True, leave=True)
         began = segment = time.time()
@@ -440,7 +465,7 @@ class Run:
             what = str(self.model.tps) if tpsvit.is_patched(self.model) else "unpatched"
             print(f"tpsvit train: {cfg.model} ({what}) on {self.data.description}; {cfg.epochs} epochs x "
                   f"{self.steps_per_epoch} steps, global batch {cfg.batch_size} = {info.world_size} ranks x "
-                  f"{self.per_rank} x {cfg.accum_steps} accum, device {info.device}, "
+                  f"{self.per_rank} per device x {self.accum} accum{self._device_batch_note()}, device {info.device}, "
                   f"amp {self.amp or 'off'}{extra} -> {self.out}", file=sys.stderr)
         last_eval = None
         for epoch in range(self.start_epoch, cfg.epochs):

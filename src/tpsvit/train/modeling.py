@@ -1,16 +1,19 @@
 """The models of a run: the student (built, loaded, patched), the frozen teacher, parameter groups, checkpointing.
 
-Gradient checkpointing is applied only to the blocks *before the first reduction location*. A patched block reads
-and writes per-forward state (keep policy, positions, ToMe sizes) on the model's runtime; recomputing it during the
-backward pass would see the state left by later blocks and compute something else. Blocks before the first location
-see no reduction, so they are recomputed through timm's own ``Block.forward``, which is exactly what they ran.
+Gradient checkpointing recomputes every block in the backward pass, patched blocks included. A patched block reads
+and writes per-forward state (keep policy, positions, ToMe sizes, decisions) on the model's runtime; by the time a
+block is recomputed, that state is the one left by the last block. So each checkpointed call keeps a snapshot of the
+state as the block found it; the recomputation runs on a copy of that snapshot (with the trace off) and then puts the
+runtime back, so it computes exactly what the block ran (the RNG, for Gumbel noise and drop-path, is replayed by
+``torch.utils.checkpoint``). The state the block wrote during the real forward (decisions, policy) keeps its autograd
+graph: non-reentrant checkpointing drops saved activations, not the graph.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -119,26 +122,49 @@ def build_models(cfg, num_classes: int) -> Models:
     return Models(model, teacher, cfg.model, kwargs, notes, distill_logits)
 
 
-def _checkpointed_forward(block: nn.Module, base_forward, x, attn_mask=None, is_causal=False):
+def _snapshot(state):
+    """A copy of a forward state that later blocks cannot change (lists copied, tensors shared)."""
+    if state is None:
+        return None
+    return replace(state, decisions=list(state.decisions), ranking=list(state.ranking))
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    forward = type(block).forward
     if not torch.is_grad_enabled() or not block.training:
-        return base_forward(block, x, attn_mask=attn_mask, is_causal=is_causal)
-    return checkpoint(base_forward, block, x, attn_mask=attn_mask, is_causal=is_causal, use_reentrant=False)
+        return forward(block, *args, **kwargs)
+    runtime = getattr(block, "_tps_runtime", None)
+    if runtime is None:
+        return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+    if runtime.state is None:
+        runtime.begin(block)
+    before = _snapshot(runtime.state)
+    first = [True]
+
+    def run(block, *args, **kwargs):
+        if first[0]:  # the real forward: writes the state the next blocks read
+            first[0] = False
+            return forward(block, *args, **kwargs)
+        saved_state, saved_trace = runtime.state, runtime.trace
+        runtime.state, runtime.trace = _snapshot(before), None
+        try:  # the recomputation in backward: same inputs, same state, nothing recorded
+            return forward(block, *args, **kwargs)
+        finally:
+            runtime.state, runtime.trace = saved_state, saved_trace
+
+    return checkpoint(run, block, *args, use_reentrant=False, **kwargs)
 
 
 def enable_grad_checkpointing(model: nn.Module) -> int:
-    """Recompute the blocks before the first reduction location in backward; returns how many blocks."""
-    from timm.models.vision_transformer import Block
+    """Recompute every block (patched or not) in the backward pass instead of keeping its activations.
 
-    if tpsvit.is_patched(model):
-        count = min(model.tps.locations) if model.tps.locations else len(model.blocks)
-    else:
-        count = len(model.blocks)
-    for block in list(model.blocks)[:count]:
-        base = getattr(type(block), "_tps_base", type(block))
-        if base.forward is not Block.forward:
-            raise InvalidArgumentError(f"grad_checkpointing supports timm's Block, not {base.__name__}")
-        block.forward = partial(_checkpointed_forward, block, base.forward)
-    return count
+    Returns how many blocks are checkpointed. Works on the block's own class forward at call time, so it follows
+    a later patch/unpatch of the model.
+    """
+    blocks = list(model.blocks)
+    for block in blocks:
+        block.forward = partial(_checkpointed_forward, block)
+    return len(blocks)
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float,

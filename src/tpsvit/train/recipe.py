@@ -63,8 +63,9 @@ class TrainConfig:
     # schedule
     epochs: int = 30
     steps_per_epoch: int | None = None  # cap the optimiser steps per epoch (quick runs, tests)
-    batch_size: int = 1024  # global batch: per-rank batch = batch_size / (world_size * accum_steps)
+    batch_size: int = 1024  # global batch: per-rank batch = batch_size / (world_size * accum_steps), see device_batch
     accum_steps: int = 1
+    device_batch: int | None = None  # at most N images per device and micro-step; accumulation keeps batch_size
     lr: float = 2.5e-4
     backbone_lr_scale: float = 1.0  # the release: one lr for every parameter (its scale branch is dead code)
     weight_decay: float = 0.05
@@ -100,7 +101,7 @@ class TrainConfig:
     attention_distill_weight: float = 1.0  # predictor_loss attention-distill
     # engine
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | none | bf16 | fp16
-    grad_checkpointing: bool = False  # only blocks before the first pruning location (see engine docs)
+    grad_checkpointing: bool = False  # recompute every block in backward (patched ones too); less memory, ~1/3 slower
     find_unused_parameters: bool = False  # DDP; needed only if some parameter gets no gradient
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is much faster on a busy small CPU
@@ -116,9 +117,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Keys that may differ from the checkpoint's when resuming (they do not change the maths of the run).
-RESUME_FREE_KEYS = ("epochs", "workers", "device", "threads", "eval_every", "save_every_steps", "out", "resume",
-                    "recipe")
+# Keys that may differ from the checkpoint's when resuming (they do not change the maths of the run; device_batch
+# only regroups the same global batch into micro-batches, so a run that ran out of memory can go on with less).
+RESUME_FREE_KEYS = ("epochs", "workers", "device", "device_batch", "threads", "eval_every", "save_every_steps", "out",
+                    "resume", "recipe")
 
 
 def valid_keys() -> list[str]:
@@ -283,6 +285,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _number(cfg, "steps_per_epoch", int, low=1, optional=True)
     _number(cfg, "batch_size", int, low=1)
     _number(cfg, "accum_steps", int, low=1)
+    _number(cfg, "device_batch", int, low=1, optional=True)
     _number(cfg, "lr", low=0, open_low=True)
     _number(cfg, "backbone_lr_scale", low=0)
     _number(cfg, "weight_decay", low=0)
