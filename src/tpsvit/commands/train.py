@@ -110,7 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N")
     engine.add_argument("--threads", type=int, default=S, metavar="N",
                         help="torch CPU threads (default: torch's); on a small shared CPU, 1 avoids thread thrashing")
-    engine.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=S)
+    engine.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=S,
+                        help="autocast; auto: bf16 on GPUs of compute capability >= 8.0, fp16 with a gradient "
+                             "scaler below (V100, T4), none on CPU")
     engine.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=S,
                         help="recompute every block in backward (patched blocks too): far less activation memory, "
                              "about a third more compute")

@@ -100,7 +100,7 @@ class TrainConfig:
     predictor_loss: str = "gumbel"  # gumbel (the paper) | attention-distill (top-k forward, ranking loss)
     attention_distill_weight: float = 1.0  # predictor_loss attention-distill
     # engine
-    amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | none | bf16 | fp16
+    amp: str = "auto"  # auto (GPU: bf16 from compute capability 8.0, fp16 + scaler below; CPU: none) | none | bf16 | fp16
     grad_checkpointing: bool = False  # recompute every block in backward (patched ones too); less memory, ~1/3 slower
     find_unused_parameters: bool = False  # DDP; needed only if some parameter gets no gradient
     device: str = "auto"  # auto | cpu | cuda
