@@ -79,3 +79,46 @@ def test_bench_cli_budget_error(capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tpsvit bench: error:") and "smallest reachable" in err and "\n" not in err
+
+
+def test_timing_waits_on_the_gpu_being_timed(monkeypatch):
+    from tpsvit import bench
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    bench.device_sync(torch.device("cuda", 1))()
+    assert waited == [torch.device("cuda", 1)]  # not a bare synchronize(), which waits on the current GPU only
+    bench.device_sync(torch.device("cpu"))()
+    assert len(waited) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert bench._device("cuda") == torch.device("cuda", 1)
+    assert bench._device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(InvalidArgumentError, match="cuda:2.*2 GPU"):
+        bench._device("cuda:2")
+
+
+@pytest.mark.parametrize("module", ["bench", "evaluation"])
+def test_bench_and_eval_synchronise_and_set_their_device(module, monkeypatch):
+    import importlib
+
+    target = importlib.import_module(f"tpsvit.{module}")
+    calls = []
+
+    def sync(device):
+        calls.append(("sync", device))
+        return lambda: None
+
+    def scope(device):
+        calls.append(("scope", device))
+        return torch.inference_mode(False)  # any context manager
+
+    monkeypatch.setattr(target, "device_sync", sync)
+    monkeypatch.setattr(target, "device_scope", scope)
+    if module == "bench":
+        tpsvit.benchmark(tiny_vit(), batch_size=2, runs=1, warmup=0, device="cpu")
+    else:
+        target.evaluate_many({"m": tiny_vit()}, (torch.randn(2, 3, 32, 32), torch.tensor([0, 1])), batch_size=2,
+                             device="cpu", progress=False)
+    assert calls == [("sync", torch.device("cpu")), ("scope", torch.device("cpu"))]

@@ -42,6 +42,30 @@ def _device(device, model: nn.Module | None = None) -> torch.device:
         raise InvalidArgumentError(f"device {device!r} is not a torch device; use e.g. 'cpu' or 'cuda'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError("device 'cuda' was asked for but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(f"device {str(device)!r} does not exist; this machine has "
+                                   f"{torch.cuda.device_count()} GPU(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return _with_index(device)
+
+
+def device_sync(device: torch.device):
+    """A no-argument function that waits for ``device``'s queued work: ``torch.cuda.synchronize(device)`` on a GPU
+    (plain ``synchronize()`` waits on the *current* GPU only, so timing ``cuda:1`` would time kernel launches), a
+    no-op on CPU."""
+    if device.type != "cuda":
+        return lambda: None
+    return lambda: torch.cuda.synchronize(device)
+
+
+def device_scope(device: torch.device):
+    """Make ``device`` the current GPU for the block (restored afterwards); nothing on CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _with_index(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so synchronising and naming it mean the GPU the work runs on."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -122,7 +146,7 @@ def benchmark_interleaved(models: Mapping[str, nn.Module], batch_size: int = 64,
     x = torch.randn(batch_size, chans, h, w, generator=generator).to(device, in_dtype)
     modes = {name: m.training for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
 
     def timed(model: nn.Module) -> float:
@@ -136,7 +160,7 @@ def benchmark_interleaved(models: Mapping[str, nn.Module], batch_size: int = 64,
     for model in models.values():
         model.to(device).eval()  # outside inference mode: moved parameters stay usable for training
     try:
-        with torch.inference_mode():
+        with device_scope(device), torch.inference_mode():
             for model in models.values():
                 for _ in range(warmup):
                     timed(model)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tpsvit.bench import _amp_dtype, _device, input_size
+from tpsvit.bench import _amp_dtype, _device, device_scope, device_sync, input_size
 from tpsvit.data import resize_and_expand
 from tpsvit.errors import DatasetError, InvalidArgumentError, TPSError
 
@@ -90,13 +90,13 @@ def evaluate_many(models: Mapping[str, nn.Module], data, batch_size: int = 256, 
     modes = {name: m.training for name, m in models.items()}
     stats = {name: {"correct": dict.fromkeys(topk, 0), "count": 0, "seconds": 0.0, "timed": 0, "timed_s": 0.0}
              for name in models}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     for model in models.values():
         model.to(device).eval()  # outside inference mode: moved parameters stay usable for training
     bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False)
     try:
-        with torch.inference_mode():
+        with device_scope(device), torch.inference_mode():
             for index, (images, labels) in enumerate(batches):
                 images = _fit_input(images, chans, h, w).to(device, non_blocking=True)
                 labels = labels.to(device)
