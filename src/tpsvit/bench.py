@@ -42,9 +42,10 @@ def _device(device, model: nn.Module | None = None) -> torch.device:
         raise InvalidArgumentError(f"device {device!r} is not a torch device; use e.g. 'cpu' or 'cuda'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError("device 'cuda' was asked for but CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InvalidArgumentError(f"device {str(device)!r} does not exist; this machine has "
-                                   f"{torch.cuda.device_count()} GPU(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise InvalidArgumentError(f"device {str(device)!r} does not exist; this machine has {count} GPU(s): "
+                                   f"cuda:0 .. cuda:{count - 1}")
     return _with_index(device)
 
 
