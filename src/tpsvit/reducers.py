@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tpsvit.squeeze import squeeze_with_hosts
+from tpsvit.squeeze import full_precision, squeeze_with_hosts
 
 
 @dataclass
@@ -106,9 +106,10 @@ def bipartite_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, num_
     a_idx, b_idx = bipartite_split(length, num_prefix, x.device)
     a_prefix, b_prefix = (num_prefix + 1) // 2, num_prefix // 2  # protected tokens at the head of A and of B
 
-    unit = metric.float()
-    unit = unit / unit.norm(dim=-1, keepdim=True)
-    scores = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
+    with full_precision(metric):  # float32 matching whatever autocast is on
+        unit = metric.float()
+        unit = unit / unit.norm(dim=-1, keepdim=True)
+        scores = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
     scores[:, :a_prefix, :] = float("-inf")  # prefix tokens in A are never sources
     scores[:, :, :b_prefix] = float("-inf")  # nothing merges into a prefix token in B
     best, best_b = scores.max(dim=-1)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpsvit.methods import keep_count
+from tpsvit.squeeze import full_precision
 
 
 def split_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -17,7 +18,7 @@ def split_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def class_attention(attn: nn.Module, qkv: Tensor, num_prefix: int, bias: Tensor | None = None) -> Tensor:
-    """Attention the class token pays each patch token, averaged over heads: (B, N_patch), in float32.
+    """Attention the class token pays each patch token, averaged over heads: (B, N_patch), in float32 (autocast off).
 
     Only the class token's row is computed (``q_cls @ K^T``, O(N)), so the block itself keeps fused attention.
     ``bias`` is the additive attention bias the block used (or None).
@@ -27,10 +28,11 @@ def class_attention(attn: nn.Module, qkv: Tensor, num_prefix: int, bias: Tensor 
     parts = qkv.reshape(batch, tokens, 3, heads, dim)
     q_cls = attn.q_norm(parts[:, :1, 0].transpose(1, 2))  # (B, H, 1, D)
     keys = attn.k_norm(parts[:, :, 1].transpose(1, 2))  # (B, H, N, D)
-    logits = (q_cls.float() * attn.scale) @ keys.float().transpose(-2, -1)  # (B, H, 1, N)
-    if bias is not None:
-        logits = logits + bias.float()
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
+    with full_precision(qkv):
+        logits = (q_cls.float() * attn.scale) @ keys.float().transpose(-2, -1)  # (B, H, 1, N)
+        if bias is not None:
+            logits = logits + bias.float()
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
 
 
 def mean_keys(attn: nn.Module, qkv: Tensor) -> Tensor:

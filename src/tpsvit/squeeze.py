@@ -7,8 +7,9 @@ Two execution paths share the same arithmetic:
 * :func:`squeeze_masked` -- the full-length path of dTPS training: one sequence with keep masks, same result on the
   reserved rows.
 
-Weights are computed in float32 whatever the input dtype, and shifted by their maximum so that small temperatures
-cannot overflow.
+Similarities and weights are computed in float32 whatever the input dtype, and with autocast off (under autocast a
+``.float()`` before ``@`` would still run the product in bf16/fp16 and change host choices); weights are shifted by
+their maximum so that small temperatures cannot overflow.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import torch
 from torch import Tensor
 
 NORM_EPS = 1e-6
+
+
+def full_precision(x: Tensor):
+    """Autocast off on ``x``'s device for the block: products of float32 inputs then really run in float32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -60,9 +66,10 @@ def squeeze_with_hosts(reserved: Tensor, pruned: Tensor, temperature: float = 1.
     _check_pair(reserved, pruned, temperature)
     if pruned.shape[1] == 0:
         return reserved, torch.zeros(pruned.shape[:2], dtype=torch.long, device=pruned.device)
-    similarity = (_unit(pruned) @ _unit(reserved).transpose(1, 2)) / temperature  # (B, Np, Nr)
-    logits, host = similarity.max(dim=-1)
-    fused, count = _fuse(reserved, pruned, host, logits, None)
+    with full_precision(reserved):
+        similarity = (_unit(pruned) @ _unit(reserved).transpose(1, 2)) / temperature  # (B, Np, Nr)
+        logits, host = similarity.max(dim=-1)
+        fused, count = _fuse(reserved, pruned, host, logits, None)
     fused = torch.where(count.unsqueeze(-1) > 0, fused.to(reserved.dtype), reserved)
     return fused, host
 
@@ -94,14 +101,15 @@ def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature:
             f"squeeze_masked expects tokens (B, N, C) and masks (B, N); got {tuple(tokens.shape)}, "
             f"{tuple(keep.shape)}, {tuple(prev_keep.shape)}"
         )
-    unit = _unit(tokens)
-    similarity = (unit @ unit.transpose(1, 2)) / temperature  # (B, N, N)
-    is_host = keep.detach() > 0.5
-    eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
-    similarity = similarity.masked_fill(~is_host.unsqueeze(1) | eye, float("-inf"))
-    logits, host = similarity.max(dim=-1)
-    pruned_now = prev_keep - keep
-    fused, _ = _fuse(tokens, tokens, host, logits, pruned_now)
+    with full_precision(tokens):
+        unit = _unit(tokens)
+        similarity = (unit @ unit.transpose(1, 2)) / temperature  # (B, N, N)
+        is_host = keep.detach() > 0.5
+        eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        similarity = similarity.masked_fill(~is_host.unsqueeze(1) | eye, float("-inf"))
+        logits, host = similarity.max(dim=-1)
+        pruned_now = prev_keep - keep
+        fused, _ = _fuse(tokens, tokens, host, logits, pruned_now)
     return fused.to(tokens.dtype)
 
 
