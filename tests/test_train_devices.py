@@ -43,3 +43,49 @@ def test_auto_amp_asks_the_training_device(monkeypatch):
     assert engine._resolve_amp("auto", torch.device("cuda", 1)) is torch.float16
     assert asked == [torch.device("cuda", 1)]
     assert engine._resolve_amp("auto", torch.device("cpu")) is None
+
+
+def _fake_cuda(monkeypatch, count: int) -> list:
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device, state)))
+    return restored
+
+
+@pytest.mark.parametrize("visible", [0, 1, 2, 4])
+def test_rng_states_of_more_gpus_than_visible(monkeypatch, visible):
+    from tpsvit.train.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]  # saved on 3 GPUs
+    restored = _fake_cuda(monkeypatch, visible)
+    notes = set_rng_state(state)
+    assert [device for device, _ in restored] == list(range(min(3, visible)))
+    for device, value in restored:
+        assert torch.equal(value, state["cuda"][device])
+    if visible < 3:
+        assert len(notes) == 1 and "3 GPU(s)" in notes[0] and f"{visible} visible" in notes[0]
+    else:
+        assert notes == []
+
+
+def test_resume_with_fewer_gpus_than_the_run_had(tmp_path, monkeypatch, capsys):
+    from fmnist_files import write_fashion_mnist
+
+    from tpsvit.train import train
+
+    data = write_fashion_mnist(tmp_path / "fmnist")
+    cfg = {"recipe": "fmnist-scratch", "data": str(data), "out": str(tmp_path / "run"), "threads": 1,
+           "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}, "batch_size": 32, "epochs": 1,
+           "steps_per_epoch": 2, "val_limit": 40}
+    train(cfg)
+    path = tmp_path / "run" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2  # as if saved on two GPUs
+    torch.save(state, path)
+    restored = _fake_cuda(monkeypatch, 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    results = train({**cfg, "epochs": 2, "resume": True})
+    assert results["global_step"] == 4 and restored == []
+    assert "CUDA RNG states of 2 GPU(s), 0 visible now" in capsys.readouterr().err

@@ -38,16 +38,28 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` captured."""
+def set_rng_state(state: dict) -> list[str]:
+    """Restore what :func:`rng_state` captured; returns notes on what could not be restored.
+
+    CUDA states are per device: a run resumed with fewer visible GPUs (or none) restores the states of the devices it
+    has and skips the rest (harmless: every optimiser step reseeds all RNGs from (seed, epoch, step, rank)).
+    """
+    notes = []
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    if saved:
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for index, cuda_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(cuda_state, index)
+        if len(saved) > visible:
+            notes.append(f"the run saved CUDA RNG states of {len(saved)} GPU(s), {visible} visible now: restored "
+                         f"{min(len(saved), visible)}, skipped the rest (every step is reseeded anyway)")
+    return notes
 
 
 def save_state(out: str | os.PathLike, state: dict) -> Path:

@@ -242,7 +242,7 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"cannot resume from {self.out / STATE_FILE}: {str(err).splitlines()[0]}") from None
-        set_rng_state(state["rng"])
+        print_notes(set_rng_state(state["rng"]), self.info.is_main)
         self.start_epoch, self.start_step = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
