@@ -89,3 +89,52 @@ def test_resume_with_fewer_gpus_than_the_run_had(tmp_path, monkeypatch, capsys):
     results = train({**cfg, "epochs": 2, "resume": True})
     assert results["global_step"] == 4 and restored == []
     assert "CUDA RNG states of 2 GPU(s), 0 visible now" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, local_rank, local_world, world, gpus, expected", [
+    ("auto", 0, None, 1, 0, "cpu"),
+    ("auto", 0, None, 1, 2, "cuda:0"),
+    ("cuda", 0, None, 1, 2, "cuda:0"),
+    ("cuda:1", 0, None, 1, 2, "cuda:1"),  # one process: cuda:N as asked
+    ("auto", 3, 4, 8, 4, "cuda:3"),  # torchrun: one rank per local GPU
+    ("cuda", 1, 2, 2, 2, "cuda:1"),
+    ("cuda:1", 0, 1, 2, 2, "cuda:1"),  # one process per node: cuda:N is still one rank per GPU
+    ("cpu", 5, 8, 8, 2, "cpu"),  # gloo ranks on CPU share nothing
+    ("auto", 1, 2, 2, 0, "cpu"),
+])
+def test_device_assignment(name, local_rank, local_world, world, gpus, expected):
+    from tpsvit.train.distributed import assign_device
+
+    got = assign_device(name, local_rank, local_world, world, cuda_available=gpus > 0, gpus=gpus)
+    assert got == torch.device(expected)
+
+
+@pytest.mark.parametrize("name, local_rank, local_world, world, gpus, match", [
+    ("cuda:0", 1, 2, 2, 2, "every torchrun process of this node on GPU 0"),  # both ranks on GPU 0
+    ("cuda:1", 1, None, 2, 2, "every torchrun process"),
+    ("cuda", 2, 4, 4, 2, "4 processes on this node but it has 2 visible GPU"),  # more ranks than GPUs
+    ("auto", 0, 4, 4, 2, "--nproc_per_node 2"),  # rank 0 fails too, not only the ranks past the last GPU
+    ("auto", 2, None, 3, 2, "3 processes"),
+    ("cuda:2", 0, None, 1, 2, "2 visible GPU"),
+    ("cuda", 0, None, 1, 0, "CUDA is not available"),
+    ("tpu", 0, None, 1, 0, "expected auto, cpu, cuda or cuda:N"),
+])
+def test_device_assignment_errors(name, local_rank, local_world, world, gpus, match):
+    from tpsvit.train.distributed import assign_device
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        assign_device(name, local_rank, local_world, world, cuda_available=gpus > 0, gpus=gpus)
+
+
+def test_setup_reads_torchrun_environment(monkeypatch):
+    from tpsvit.train import distributed
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(distributed, "resolve_device", lambda *a: seen.append(a) or torch.device("cpu"))
+    info = distributed.setup("cpu")
+    assert info.world_size == 1 and seen == [("cpu", 0, None, 1)]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    distributed.setup("auto")
+    assert seen[-1] == ("auto", 0, 4, 1)

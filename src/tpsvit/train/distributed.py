@@ -40,19 +40,56 @@ def _env_int(name: str, default: int) -> int:
         raise InvalidArgumentError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InvalidArgumentError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
-        if name == "cuda":
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-        return torch.device(name)
-    if name != "cpu":
+def assign_device(name: str, local_rank: int = 0, local_world: int | None = None, world: int = 1,
+                  cuda_available: bool = False, gpus: int = 0) -> torch.device:
+    """The device of this process (pure: the CUDA facts come in as arguments).
+
+    ``name``: ``auto`` (a GPU when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. One process: ``cuda`` is
+    GPU 0 and ``cuda:N`` GPU N. Under torchrun (``world > 1``): one rank per local GPU, rank ``LOCAL_RANK`` on
+    ``cuda:LOCAL_RANK``; more processes on a node than it has GPUs, or ``cuda:N`` with several processes on a node
+    (every rank would share GPU N: NCCL's "duplicate GPU"), is an error that says what to do instead.
+    """
+    if not isinstance(name, str):
         raise InvalidArgumentError(f"device={name!r} is not allowed; expected auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
+    if name == "auto":
+        name = "cuda" if cuda_available else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not name.startswith("cuda"):
+        raise InvalidArgumentError(f"device={name!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+    if not cuda_available or gpus < 1:
+        raise InvalidArgumentError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"device={name!r} is not allowed; expected auto, cpu, cuda or cuda:N") from None
+    if world > 1:
+        if device.index is not None and (local_world is None or local_world > 1):
+            raise InvalidArgumentError(
+                f"device={name!r} would put every torchrun process of this node on GPU {device.index}; use "
+                "device=cuda or auto (rank i takes cuda:<LOCAL_RANK>) and choose GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        if device.index is None:
+            procs = local_world if local_world is not None else local_rank + 1
+            if local_rank >= gpus or procs > gpus:
+                raise InvalidArgumentError(
+                    f"torchrun started {procs} processes on this node but it has {gpus} visible GPU(s); one rank "
+                    f"per GPU: use --nproc_per_node {gpus} (or fewer), or device=cpu"
+                )
+            device = torch.device("cuda", local_rank)
+    elif device.index is None:
+        device = torch.device("cuda", 0)
+    if device.index >= gpus:
+        raise InvalidArgumentError(f"device={name!r}: this machine has {gpus} visible GPU(s), cuda:0 .. "
+                                   f"cuda:{gpus - 1}")
+    return device
+
+
+def resolve_device(name: str, local_rank: int, local_world: int | None = None, world: int = 1) -> torch.device:
+    """:func:`assign_device` with this machine's CUDA facts."""
+    available = torch.cuda.is_available()
+    return assign_device(name, local_rank, local_world, world, available,
+                         torch.cuda.device_count() if available else 0)
 
 
 def world_size_from_env() -> int:
@@ -64,11 +101,12 @@ def setup(device: str = "auto") -> DistInfo:
     """Join the process group announced by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...)."""
     world = world_size_from_env()
     local_rank = _env_int("LOCAL_RANK", 0)
-    dev = resolve_device(device, local_rank)
+    local_world = _env_int("LOCAL_WORLD_SIZE", 0) or None
+    dev = resolve_device(device, local_rank, local_world, world)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # the current device too: no stray context on GPU 0
     if world <= 1:
         return DistInfo(0, 1, 0, dev)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     owns = False
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
