@@ -138,3 +138,93 @@ def test_setup_reads_torchrun_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     distributed.setup("auto")
     assert seen[-1] == ("auto", 0, 4, 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
+def _data_worker(rank: int, world: int, port: int, cfg: dict, folder: str) -> None:
+    """A real two-rank training run whose data opening is logged (rank 0 slow, as a download would be)."""
+    import time
+    from pathlib import Path
+
+    from tpsvit.train import engine, train
+
+    _join(rank, world, port)
+    log = Path(folder) / "log.txt"
+    real = engine.find_data
+
+    def logged(config):
+        with log.open("a") as f:
+            f.write(f"{rank} start {time.time()}\n")
+        if rank == 0:
+            time.sleep(1.0)
+        raw = real(config)
+        with log.open("a") as f:
+            f.write(f"{rank} end {time.time()}\n")
+        return raw
+
+    engine.find_data = logged
+    train(cfg)
+
+
+def test_rank_zero_opens_the_data_first(tmp_path):
+    import torch.multiprocessing as mp
+    from fmnist_files import write_fashion_mnist
+
+    data = write_fashion_mnist(tmp_path / "fmnist")
+    cfg = {"recipe": "fmnist-scratch", "data": str(data), "out": str(tmp_path / "run"), "threads": 1,
+           "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}, "batch_size": 16, "epochs": 1,
+           "steps_per_epoch": 1, "val_limit": 40}
+    mp.spawn(_data_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    events = {}
+    for line in (tmp_path / "log.txt").read_text().splitlines():
+        rank, what, when = line.split()
+        events[(int(rank), what)] = float(when)
+    assert set(events) == {(0, "start"), (0, "end"), (1, "start"), (1, "end")}
+    assert events[(1, "start")] >= events[(0, "end")]  # rank 1 waited for rank 0 to finish
+
+
+def _failing_worker(rank: int, world: int, port: int, folder: str) -> None:
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from tpsvit.train import distributed
+
+    _join(rank, world, port)
+    info = distributed.setup("cpu")
+
+    def prepare():
+        if rank == 0:
+            raise OSError("download failed")
+        return "opened"
+
+    try:
+        distributed.main_first(info, prepare)
+        outcome = "no error"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
+    Path(folder, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_other_ranks_stop_when_rank_zero_cannot_prepare(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_failing_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: download failed"
+    assert (tmp_path / "rank1.txt").read_text().startswith("DatasetError: rank 0 could not prepare the data")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tpsvit.errors import InvalidArgumentError
+from tpsvit.errors import DatasetError, InvalidArgumentError
 
 
 @dataclass
@@ -124,6 +124,27 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op on one process)."""
     if info.distributed:
         dist.barrier()
+
+
+def main_first(info: DistInfo, prepare, what: str = "the data"):
+    """``prepare()`` on rank 0 first (downloads, unpacking into a shared cache), then on the other ranks after a
+    barrier, so that no two ranks write the same files at once. If rank 0 fails, it raises its own error and the
+    other ranks raise a short one instead of waiting forever."""
+    if not info.distributed:
+        return prepare()
+    if info.is_main:
+        try:
+            result = prepare()
+        except BaseException:
+            dist.broadcast_object_list([False], src=0)
+            raise
+        dist.broadcast_object_list([True], src=0)
+        return result
+    flag = [None]
+    dist.broadcast_object_list(flag, src=0)
+    if not flag[0]:
+        raise DatasetError(f"rank 0 could not prepare {what} (its error says why); rank {info.rank} stops too")
+    return prepare()
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

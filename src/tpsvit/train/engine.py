@@ -36,6 +36,7 @@ from tpsvit.flops import counted_gmacs, gmacs
 from tpsvit.loading import save_checkpoint
 from tpsvit.train import distributed
 from tpsvit.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
+from tpsvit.data import resize_and_expand
 from tpsvit.train.data_loading import build_data, find_data, mix_seed
 from tpsvit.train.losses import (
     accuracy,
@@ -139,7 +140,7 @@ class Run:
             raise InvalidArgumentError(f"mixup/cutmix need an even per-rank batch, got {self.per_rank}; change "
                                        "batch_size or set mixup=0 cutmix=0")
         self.amp = _resolve_amp(cfg.amp, info.device)
-        raw = find_data(cfg)
+        raw = distributed.main_first(info, lambda: find_data(cfg))  # rank 0 downloads / unpacks first
         models = build_models(cfg, len(raw.classes))
         print_notes(models.notes, info.is_main)
         self.models, self.model, self.teacher = models, models.student, models.teacher
@@ -153,6 +154,8 @@ class Run:
         if self.steps_per_epoch == 0:
             raise DatasetError(f"{self.data.description} gives no full batch of {cfg.batch_size}; lower batch_size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.schedule == "auto" and self.state is None:
+            cfg = self.cfg = self._auto_schedule(raw)
         learned = tpsvit.is_patched(self.model) and self.model.tps.spec.learned
         if learned and cfg.predictor_init == "class-attention" and self.state is None:
             self._warm_start()
@@ -168,6 +171,27 @@ class Run:
         self.metrics = MetricsWriter(self.out, cfg.to_dict(), enabled=info.is_main)
 
     # ------------------------------------------------------------------------------------------------ set-up
+
+    def _auto_schedule(self, raw) -> TrainConfig:
+        """Re-patch the student with the schedule :func:`tpsvit.plan` picks on the first training images; the config
+        then records the chosen locations and keep rate (or r), so checkpoints and resumes carry them."""
+        cfg = self.cfg
+        if raw.kind != "tensors":
+            raise InvalidArgumentError("schedule=auto in train calibrates on in-memory (Fashion-MNIST) data; for an "
+                                       "ImageFolder run `tpsvit eval --schedule auto --calib-data DIR` and set the "
+                                       "locations and keep rate it prints")
+        images, labels = raw.train.tensors()
+        size = int(cfg.img_size or self.model.patch_embed.img_size[0])
+        calib = (resize_and_expand(images[: cfg.calib_images], size, self.model.patch_embed.proj.in_channels),
+                 labels[: cfg.calib_images])
+        schedule = tpsvit.plan(self.model, cfg.method, cfg.budget, data=calib, img_size=cfg.img_size,
+                               fixed_locations=tuple(cfg.locations))
+        tpsvit.patch(self.model, **schedule.patch_kwargs())
+        if self.info.is_main:
+            print(f"tpsvit train: auto schedule {schedule}", file=sys.stderr)
+        amount = {"r": schedule.r, "keep_rate": 1.0} if schedule.r is not None else \
+            {"keep_rate": schedule.keep_rate, "r": None}
+        return replace(cfg, locations=list(schedule.locations), budget=None, **amount)
 
     def _warm_start(self) -> None:
         cfg, info = self.cfg, self.info
