@@ -30,3 +30,21 @@ def test_demo_rejects_a_bad_budget(tmp_path, capsys):
     assert main(["demo", "--data-dir", str(data), "--budgets", "1.5", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget 1.5 is outside (0, 1]" in err[0]
+
+
+def test_demo_auto_schedule_and_random_scores(tmp_path, capsys):
+    import json
+
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=24)
+    out = tmp_path / "demo"
+    code = main(["demo", "--data", "fashion-mnist", "--data-dir", str(data), "--methods", "etps", "tome",
+                 "--budgets", "0.35", "--schedule", "auto", "--calib-images", "32", "--scorer", "random",
+                 "--out", str(out), "--no-progress", "--batch-size", "8"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "auto schedule etps:" in printed and "auto schedule tome:" in printed and "on 32 images" in printed
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["etps"]["scorer"] == "random" and by_name["tome"]["scorer"] == "default"
+    assert all(r["budget"] == "35% budget, auto" for r in rows[1:])
+    assert all(r["gmacs"] <= 0.35 * rows[0]["gmacs"] * 1.0001 for r in rows[1:])

@@ -312,3 +312,18 @@ def test_warm_start_and_attention_distill_finetune(scratch, data, tmp_path, meth
     assert history[0]["loss_attention_distill"] > 0 and history[0]["loss_keep_ratio"] == 0
     assert all(0 < row["loss_attention_distill"] < 2.0 for row in history)  # warm-started: far from flat
     assert history[-1]["test_top1"] > 30.0
+
+
+def test_auto_schedule_is_planned_on_training_images_and_recorded(scratch, data, tmp_path, capsys):
+    results = train(config(
+        data, tmp_path / "auto", recipe="fmnist-finetune", checkpoint=str(Path(scratch["out"]) / "best.safetensors"),
+        method="etps", budget=0.5, locations=[1, 2], schedule="auto", calib_images=64, epochs=1, warmup_epochs=0,
+    ))
+    assert "tpsvit train: auto schedule etps:" in capsys.readouterr().err
+    model = load_model(checkpoint=Path(results["final"]))
+    saved = json.loads((Path(results["out"]) / "metrics.json").read_text())["config"]
+    assert saved["schedule"] == "auto" and saved["budget"] is None
+    assert list(model.tps.locations) == saved["locations"] and list(model.tps.keep_rate)[0] == saved["keep_rate"]
+    assert results["history"][-1]["gmacs"] <= 0.5 * scratch["history"][-1]["gmacs"] * 1.001
+    with pytest.raises(InvalidArgumentError, match="schedule=auto .* set budget"):
+        train(config(data, tmp_path / "bad", method="etps", schedule="auto"))

@@ -166,6 +166,13 @@ class Variant:
             return "/".join(f"{rate:g}" for rate in self.keep_rate)
         return f"{self.keep_rate:g}"
 
+    @property
+    def blocks(self) -> str:
+        """Where it reduces, for tables: ``3,6,9``, ``all`` (ToMe's r in every block) or '' when unpatched."""
+        if self.method is None:
+            return ""
+        return "all" if self.locations is None else ",".join(map(str, self.locations))
+
     def patch_kwargs(self) -> dict:
         """Keyword arguments of :func:`tpsvit.patch` (after the model)."""
         kwargs = {"method": self.method}
@@ -191,7 +198,8 @@ class Variant:
         """Plain data for JSON."""
         rate = list(self.keep_rate) if isinstance(self.keep_rate, tuple) else self.keep_rate
         return {"label": self.label, "method": self.method, "keep_rate": rate, "r": self.r,
-                "locations": None if self.locations is None else list(self.locations), "budget": self.budget,
+                "locations": None if self.locations is None else list(self.locations), "blocks": self.blocks,
+                "budget": self.budget,
                 "scorer": self.scorer}
 
 

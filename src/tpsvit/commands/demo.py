@@ -19,9 +19,10 @@ import torch
 from tpsvit.assets import DEFAULT_DATA, DEMO_MODELS, demo_checkpoint
 from tpsvit.bench import environment, format_environment
 from tpsvit.budget import Variant, plan_variants
-from tpsvit.commands.evaluate import COLUMNS, weights_status
+from tpsvit.commands.evaluate import COLUMNS, auto_variant, weights_status
 from tpsvit.commands.flops import with_scorer
 from tpsvit.data import FASHION_MNIST_CLASSES, ClutteredFashionMNIST, FashionMNIST
+from tpsvit.errors import InvalidArgumentError
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
 from tpsvit.flops import gmacs
 from tpsvit.loading import checkpoint_metadata, load_model
@@ -43,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", choices=["default", "random"], default="default",
                         help="random: the pruning methods score tokens randomly (robustness study; ToMe unchanged)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
+    parser.add_argument("--schedule", choices=["fixed", "auto"], default="fixed",
+                        help="fixed: keep rate solved at blocks 3/6/9 (ToMe: r in every block); auto: the best of a "
+                             "few schedule families at the same GMACs by top-1 on training images (tpsvit.plan)")
+    parser.add_argument("--calib-images", type=int, default=1000, metavar="N",
+                        help="--schedule auto: the first N training images calibrate (default: 1000)")
     parser.add_argument("--out", metavar="DIR", default="tpsvit-demo", help="output folder (default: ./tpsvit-demo)")
     parser.add_argument("--checkpoint", metavar="FILE", help="a base model other than the shipped one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,10 +67,14 @@ def _models(args) -> tuple[torch.nn.Module, dict, dict[str, torch.nn.Module], di
     return base, checkpoint_metadata(base_path), tuned, tuned_meta
 
 
-def _variants(base, methods, budgets) -> list[Variant]:
+def _variants(base, methods, budgets, auto: bool = False, tuned=None, calib=None, batch_size=500) -> list[Variant]:
     variants = [Variant()]
     for budget in budgets:
-        variants += plan_variants(base, methods=methods, keep_rates=(), budget=budget, unpatched=False)
+        fixed = plan_variants(base, methods=methods, keep_rates=(), budget=budget, unpatched=False)
+        if auto:
+            fixed = [auto_variant((tuned or {}).get(v.method, base), v, budget, calib, f"{len(calib[1])} training "
+                                  "images", batch_size)[0] for v in fixed]
+        variants += fixed
     return variants
 
 
@@ -73,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
     base, base_meta, tuned, tuned_meta = _models(args)
     dataset = ClutteredFashionMNIST if args.data == "fashion-mnist-cluttered" else FashionMNIST
     images, labels = dataset(root=args.data_dir, train=False, limit=args.limit).tensors()
-    variants = with_scorer(_variants(base, args.methods, args.budgets), args.scorer)
+    calib = None
+    if args.schedule == "auto":
+        if args.calib_images < 1:
+            raise InvalidArgumentError(f"--calib-images must be >= 1, got {args.calib_images}")
+        calib = dataset(root=args.data_dir, train=True, limit=args.calib_images).tensors()
+    variants = _variants(base, args.methods, args.budgets, args.schedule == "auto", tuned, calib, args.batch_size)
+    variants = with_scorer(variants, args.scorer)
     models, rows = {}, []
     for variant in variants:
         source, meta = (tuned[variant.method], tuned_meta[variant.method]) if variant.method in tuned else (
@@ -89,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         row.update(results[row["label"]])
     print(format_table(rows, COLUMNS))
-    print("budget = fraction of the unpatched GMACs; keep rate at blocks 3, 6, 9 (ToMe: r tokens merged in every "
-          "block); images/s = forward passes during this evaluation, batch " + str(args.batch_size))
+    where = ("schedule chosen on training images (tpsvit.plan)" if args.schedule == "auto" else
+             "keep rate at blocks 3, 6, 9 (ToMe: r tokens merged in every block)")
+    print(f"budget = fraction of the unpatched GMACs; {where}; images/s = forward passes during this evaluation, "
+          f"batch {args.batch_size}")
 
     out = Path(args.out)
     paths = [

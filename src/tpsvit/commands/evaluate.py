@@ -39,6 +39,7 @@ from tpsvit.plan import plan
 COLUMNS = [
     ("name", "method", ""),
     ("amount", "keep / r", ""),
+    ("blocks", "blocks", ""),
     ("budget", "budget", ""),
     ("top1", "top-1 %", ".2f"),
     ("top5", "top-5 %", ".2f"),
@@ -208,25 +209,31 @@ def auto_schedules(args: argparse.Namespace, base, variants: list[Variant]) -> t
         if variant not in budget_rows:
             out.append(variant)
             continue
-        try:
-            schedule = plan(base, variant.method, budget, data=calib, batch_size=args.batch_size,
-                            img_size=args.img_size)
-        except InvalidArgumentError as err:
-            if not get_method(variant.method).learned:
-                raise
-            print(f"auto schedule: {variant.method} keeps the fixed schedule ({err})")
-            out.append(variant)
-            continue
-        every_block = schedule.r is not None and schedule.locations == tuple(range(len(base.blocks)))
-        chosen = dataclasses.replace(variant, keep_rate=schedule.keep_rate if schedule.r is None else None,
-                                     r=schedule.r, locations=None if every_block else schedule.locations,
-                                     budget=f"{variant.budget}, auto")
-        fixed = schedule.fixed
-        versus = "" if fixed is None else f"; fixed schedule {fixed.top1:.2f}% ({fixed.family})"
-        print(f"auto schedule {schedule}{versus} [{what}]")
+        chosen, schedule = auto_variant(base, variant, budget, calib, what, args.batch_size, args.img_size)
         out.append(chosen)
-        schedules.append((chosen, schedule))
+        if schedule is not None:
+            schedules.append((chosen, schedule))
     return out, schedules
+
+
+def auto_variant(base, variant: Variant, budget: float, calib, what: str, batch_size: int, img_size=None):
+    """``variant`` with the schedule :func:`tpsvit.plan` picks for ``budget`` (printed), and that schedule; a learned
+    method without its trained predictors keeps its fixed schedule (schedule None)."""
+    try:
+        schedule = plan(base, variant.method, budget, data=calib, batch_size=batch_size, img_size=img_size)
+    except InvalidArgumentError as err:
+        if not get_method(variant.method).learned:
+            raise
+        print(f"auto schedule: {variant.method} keeps the fixed schedule ({err})")
+        return variant, None
+    every_block = schedule.r is not None and schedule.locations == tuple(range(len(base.blocks)))
+    chosen = dataclasses.replace(variant, keep_rate=schedule.keep_rate if schedule.r is None else None,
+                                 r=schedule.r, locations=None if every_block else schedule.locations,
+                                 budget=f"{variant.budget}, auto")
+    fixed = schedule.fixed
+    versus = "" if fixed is None else f"; fixed schedule {fixed.top1:.2f}% ({fixed.family})"
+    print(f"auto schedule {schedule}{versus} [{what}]")
+    return chosen, schedule
 
 
 def _schedule_of(variant: Variant, schedules: list) -> str:

@@ -26,7 +26,7 @@ FLAG_KEYS = {
     "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "limit": "limit", "val_limit": "val_limit",
     "steps": "steps_per_epoch", "workers": "workers", "amp": "amp", "grad_checkpointing": "grad_checkpointing",
     "device": "device", "save_every_steps": "save_every_steps", "eval_every": "eval_every", "img_size": "img_size",
-    "resume": "resume", "threads": "threads", "predictor_init": "predictor_init", "predictor_loss": "predictor_loss",
+    "resume": "resume", "threads": "threads", "schedule": "schedule", "calib_images": "calib_images", "predictor_init": "predictor_init", "predictor_loss": "predictor_loss",
 }
 
 EPILOG = """\
@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if importlib.util.find_spec("tpsvit.budget") is not None:
         reduce.add_argument("--budget", type=float, default=S, metavar="FRACTION",
                             help="fraction of the unpatched GMACs; the keep rate is solved to meet it")
+    reduce.add_argument("--schedule", choices=("fixed", "auto"), default=S,
+                        help="with --budget: fixed = keep rate solved at --locations; auto = the best schedule family "
+                             "at the same GMACs by top-1 on the first --calib-images training images (tpsvit.plan)")
+    reduce.add_argument("--calib-images", type=int, default=S, metavar="N")
     reduce.add_argument("--predictor-init", choices=("release", "class-attention"), default=S,
                         help="dtps/dynamicvit: the release's init, or a warm start distilling class attention "
                              "(beyond the paper)")

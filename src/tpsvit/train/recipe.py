@@ -51,6 +51,8 @@ class TrainConfig:
     r: Any = None  # ToMe: tokens merged per location instead of a keep rate
     budget: float | None = None  # fraction of the unpatched GMACs; keep_rate (ToMe with r set: r) solved to meet it
     keep_rate_anneal_epochs: float = 0.0
+    schedule: str = "fixed"  # fixed (keep rate solved at locations) | auto (tpsvit.plan on training images; budget)
+    calib_images: int = 1000  # schedule auto: the first N training images (un-augmented) calibrate
     scorer: str = "default"  # default | random (random scores: the robustness study's fine-tuned rows)  # EViT-style: keep rate goes linearly from 1 to keep_rate over these epochs
     # data
     data: str | None = None  # 'fashion-mnist', a folder of Fashion-MNIST IDX files, or an ImageFolder root
@@ -260,6 +262,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice(cfg, "amp", AMP_MODES)
     _choice(cfg, "token_distill_loss", TOKEN_DISTILL_LOSSES)
     _choice(cfg, "scorer", ("default", "random"))
+    _choice(cfg, "schedule", ("fixed", "auto"))
+    _number(cfg, "calib_images", int, low=1)
     _choice(cfg, "predictor_init", PREDICTOR_INITS)
     _choice(cfg, "predictor_loss", PREDICTOR_LOSSES)
     if isinstance(cfg.locations, int) and not isinstance(cfg.locations, bool):
@@ -320,4 +324,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.auto_augment = None
     if cfg.budget is not None and cfg.method == "none":
         raise InvalidArgumentError("budget needs a token-reduction method; set method to etps, dtps, evit, ...")
+    if cfg.schedule == "auto" and cfg.budget is None:
+        raise InvalidArgumentError("schedule=auto picks the schedule for a GMACs budget; set budget (e.g. 0.5)")
+    if cfg.schedule == "auto" and cfg.method in ("dtps", "dynamicvit"):
+        raise InvalidArgumentError(f"schedule=auto ranks schedules by accuracy, which {cfg.method}'s untrained "
+                                   "predictors cannot give; set locations yourself (schedule=fixed)")
     return cfg
