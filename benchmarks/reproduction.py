@@ -40,7 +40,8 @@ from tpsvit.train import train
 
 RECIPES = {"fashion-mnist-cluttered": "cluttered-finetune", "fashion-mnist": "fmnist-finetune"}
 CALIBRATION = slice(50_000, 60_000)  # training images never used by the fine-tunes (--train-limit <= 50,000)
-COLUMNS = [("method", "method", ""), ("budget", "budget", ""), ("amount", "keep / r", ""), ("gmacs", "GMACs", ".4g"),
+COLUMNS = [("method", "method", ""), ("budget", "budget", ""), ("amount", "keep / r", ""), ("blocks", "blocks", ""),
+           ("gmacs", "GMACs", ".4g"),
            ("shelf", "off-the-shelf top-1 %", ""), ("tuned", "fine-tuned top-1 %", "")]
 
 
@@ -59,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predictor-loss", default="attention-distill", choices=["gumbel", "attention-distill"])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides for every run")
     p.add_argument("--eval-on", choices=["test", "calibration"], default="test")
+    p.add_argument("--no-auto", action="store_true",
+                   help="skip the best-schedule rows (tpsvit.plan on the first --calib-images training images; "
+                        "off-the-shelf, methods without predictors)")
+    p.add_argument("--calib-images", type=int, default=2000)
     p.add_argument("--no-finetune", action="store_true", help="off-the-shelf numbers only")
     p.add_argument("--out", default="runs/reproduction", help="folder for the fine-tuning runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
@@ -150,6 +155,8 @@ def main(argv=None) -> int:
                 torch.manual_seed(seed)
                 values["fine_tuned"] = evaluate_many({"m": tuned}, data, batch_size=500, progress=False)["m"]["top1"]
             record(key, **values)
+    if not args.no_auto:
+        auto_rows(args, base, variants, data, runs, record)
     report["seconds"] = report.get("seconds", 0.0) + time.perf_counter() - start
     _save(args.json, report)
     rows = table_rows(report["runs"])
@@ -157,6 +164,24 @@ def main(argv=None) -> int:
     if args.plot:
         plot(rows, args.plot, args.data)
     return 0
+
+
+def auto_rows(args, base, variants, data, runs: dict, record) -> None:
+    """Off-the-shelf rows at the best schedule :func:`tpsvit.plan` finds on training images, per method and budget."""
+    kind = ClutteredFashionMNIST if args.data == "fashion-mnist-cluttered" else FashionMNIST
+    calib = kind(train=True, limit=args.calib_images).tensors()
+    for variant in variants:
+        key = f"{variant.label}|auto"
+        if get_method(variant.method).learned or key in runs:
+            continue
+        budget = float(variant.budget.split("%")[0]) / 100
+        schedule = tpsvit.plan(base, variant.method, budget, data=calib)
+        model = tpsvit.patch(copy.deepcopy(base), **schedule.patch_kwargs())
+        top1 = evaluate_many({"m": model}, data, batch_size=500, progress=False)["m"]["top1"]
+        amount = f"r={schedule.r}" if schedule.r is not None else f"{schedule.keep_rate:g}"
+        record(key, method=variant.method, scorer="auto", seed=0, budget=variant.budget, amount=amount,
+               keep_rate=schedule.keep_rate, r=schedule.r, gmacs=tpsvit.gmacs(model), off_the_shelf=top1,
+               schedule=schedule.as_dict(), blocks=",".join(map(str, schedule.locations)))
 
 
 def _load(path: str | None) -> dict | None:
@@ -180,6 +205,10 @@ def _mean_and_values(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ({' / '.join(f'{v:.2f}' for v in values)})"
 
 
+def _blocks(run: dict) -> str:
+    return "all" if run["method"] == "tome" else "3,6,9"
+
+
 def table_rows(runs: dict) -> list[dict]:
     """One row per method x scorer x budget: mean over seeds and each seed's value."""
     groups: dict[tuple, list[dict]] = {}
@@ -191,12 +220,15 @@ def table_rows(runs: dict) -> list[dict]:
              "shelf": f"{runs['unpatched']['top1']:.2f}", "tuned": "", "shelf_values": [runs["unpatched"]["top1"]],
              "tuned_values": []}]
     for (budget, method, scorer), group in sorted(
-            groups.items(), key=lambda kv: (-float(kv[0][0].split("%")[0]), kv[0][2] != "default", order[kv[0][1]])):
+            groups.items(), key=lambda kv: (-float(kv[0][0].split("%")[0]), ["default", "auto", "random"].index(kv[0][2]),
+                                        order[kv[0][1]])):
         group.sort(key=lambda r: r["seed"])
         shelf = [r["off_the_shelf"] for r in group if r.get("off_the_shelf") is not None]
         tuned = [r["fine_tuned"] for r in group if r.get("fine_tuned") is not None]
-        rows.append({"method": method + (" (random)" if scorer == "random" else ""), "budget": budget.split()[0],
-                     "amount": group[0]["amount"], "gmacs": group[0]["gmacs"],
+        suffix = {"random": " (random)", "auto": " (best schedule)"}.get(scorer, "")
+        rows.append({"method": method + suffix, "budget": budget.split()[0],
+                     "amount": group[0]["amount"], "blocks": group[0].get("blocks", _blocks(group[0])),
+                     "gmacs": group[0]["gmacs"],
                      "shelf": _mean_and_values(shelf) or "(needs training)", "tuned": _mean_and_values(tuned),
                      "shelf_values": shelf, "tuned_values": tuned, "seeds": [r["seed"] for r in group]})
     return rows
@@ -206,7 +238,7 @@ def plot(rows: list[dict], path: str, data: str) -> None:
     """Fine-tuned top-1 (mean over seeds) vs GMACs, one line per method, the unpatched model as a star."""
     points = [{"method": None, "gmacs": rows[0]["gmacs"], "top1": rows[0]["shelf_values"][0]}]
     points += [{"method": r["method"], "gmacs": r["gmacs"], "top1": statistics.mean(r["tuned_values"])}
-               for r in rows[1:] if r["tuned_values"]]
+               for r in rows[1:] if r["tuned_values"] and "(best schedule)" not in r["method"]]
     plot_accuracy_vs_gmacs(points, path, title=f"mini-DeiT on {data}, fine-tuned (one shared short recipe)")
 
 
