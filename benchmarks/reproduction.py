@@ -39,6 +39,7 @@ from tpsvit.methods import METHODS, get_method
 from tpsvit.train import train
 
 RECIPES = {"fashion-mnist-cluttered": "cluttered-finetune", "fashion-mnist": "fmnist-finetune"}
+SCORER_ORDER = ("default", "auto", "random")  # row order within a budget: fixed schedule, best schedule, random
 CALIBRATION = slice(50_000, 60_000)  # training images never used by the fine-tunes (--train-limit <= 50,000)
 COLUMNS = [("method", "method", ""), ("budget", "budget", ""), ("amount", "keep / r", ""), ("blocks", "blocks", ""),
            ("gmacs", "GMACs", ".4g"),
@@ -220,8 +221,8 @@ def table_rows(runs: dict) -> list[dict]:
              "shelf": f"{runs['unpatched']['top1']:.2f}", "tuned": "", "shelf_values": [runs["unpatched"]["top1"]],
              "tuned_values": []}]
     for (budget, method, scorer), group in sorted(
-            groups.items(), key=lambda kv: (-float(kv[0][0].split("%")[0]), ["default", "auto", "random"].index(kv[0][2]),
-                                        order[kv[0][1]])):
+            groups.items(), key=lambda kv: (-float(kv[0][0].split("%")[0]), SCORER_ORDER.index(kv[0][2]),
+                                            order[kv[0][1]])):
         group.sort(key=lambda r: r["seed"])
         shelf = [r["off_the_shelf"] for r in group if r.get("off_the_shelf") is not None]
         tuned = [r["fine_tuned"] for r in group if r.get("fine_tuned") is not None]

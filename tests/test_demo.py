@@ -8,7 +8,8 @@ from tpsvit.cli import main
 def test_demo_runs_on_the_shipped_models(tmp_path, capsys):
     data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=40)
     out = tmp_path / "demo"
-    code = main(["demo", "--data", "fashion-mnist", "--data-dir", str(data), "--methods", "etps", "dtps", "tome", "--budgets", "0.5",
+    code = main(["demo", "--data", "fashion-mnist", "--data-dir", str(data), "--methods", "etps", "dtps", "tome",
+                 "--budgets", "0.5",
                  "--out", str(out), "--no-progress", "--batch-size", "16"])
     assert code == 0
     with open(out / "results.csv") as handle:

@@ -11,10 +11,10 @@ from tpsvit.train.data_loading import crop_flip, epoch_order, generator, shard
 from tpsvit.train.engine import lr_factor
 from tpsvit.train.losses import (
     accuracy,
+    attention_ranking_loss,
     classification_loss,
     keep_ratio_loss,
     logit_distillation,
-    attention_ranking_loss,
     ranking_target_logits,
     token_distillation,
 )

@@ -373,7 +373,8 @@ def build_dataset(name_or_path: str | os.PathLike, train: bool, img_size: int, i
     """
     _check_size(img_size, in_chans)
     _check_limit(limit)
-    accepted = ("expected 'fashion-mnist' (or 'fmnist'), 'fashion-mnist-cluttered', a directory with the Fashion-MNIST IDX files, "
+    accepted = ("expected 'fashion-mnist' (or 'fmnist'), 'fashion-mnist-cluttered', a directory with the "
+                "Fashion-MNIST IDX files, "
                 "or an ImageFolder directory root/<class>/<image>")
     if str(name_or_path).lower() in FASHION_MNIST_NAMES:
         return FashionMNIST(None, train, fashion_mnist_transform(img_size, in_chans, train), limit)

@@ -2,7 +2,8 @@
 
 Learning-rate rule: the recipe's ``lr`` is for its *global* batch (``batch_size`` summed over ranks and accumulation
 steps) and is used as written, never rescaled; when you change --batch-size, scale --lr yourself (linear rule:
-lr x new / old). Every parameter trains at ``lr`` (the release); ``--backbone-lr-scale`` puts the backbone at ``lr x scale``.
+lr x new / old). Every parameter trains at ``lr`` (the release); ``--backbone-lr-scale`` puts the backbone at
+``lr x scale``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ FLAG_KEYS = {
     "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "limit": "limit", "val_limit": "val_limit",
     "steps": "steps_per_epoch", "workers": "workers", "amp": "amp", "grad_checkpointing": "grad_checkpointing",
     "device": "device", "save_every_steps": "save_every_steps", "eval_every": "eval_every", "img_size": "img_size",
-    "resume": "resume", "threads": "threads", "schedule": "schedule", "calib_images": "calib_images", "predictor_init": "predictor_init", "predictor_loss": "predictor_loss",
+    "resume": "resume", "threads": "threads", "schedule": "schedule", "calib_images": "calib_images",
+    "predictor_init": "predictor_init", "predictor_loss": "predictor_loss",
 }
 
 EPILOG = """\

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from tpsvit.data import (
+    CLUTTERED_NAMES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_NAMES,
     FASHION_MNIST_STD,
-    CLUTTERED_NAMES,
     ClutteredFashionMNIST,
     FashionMNIST,
     find_fashion_mnist,

@@ -31,26 +31,26 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import tpsvit
+from tpsvit.data import resize_and_expand
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
 from tpsvit.flops import counted_gmacs, gmacs
 from tpsvit.loading import save_checkpoint
+from tpsvit.patch import set_predictor_training
 from tpsvit.train import distributed
 from tpsvit.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
-from tpsvit.data import resize_and_expand
 from tpsvit.train.data_loading import build_data, find_data, mix_seed
 from tpsvit.train.losses import (
     accuracy,
-    classification_loss,
     attention_ranking_loss,
+    classification_loss,
     keep_ratio_loss,
     logit_distillation,
     token_distillation,
 )
 from tpsvit.train.metrics import MetricsWriter
-from tpsvit.patch import set_predictor_training
-from tpsvit.train.warm_start import warm_start_predictors
 from tpsvit.train.modeling import build_models, enable_grad_checkpointing, param_groups, print_notes
 from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, resolve, valid_keys, validate
+from tpsvit.train.warm_start import warm_start_predictors
 
 LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio", "attention_distill")
 

@@ -50,10 +50,10 @@ class TrainConfig:
     locations: list = field(default_factory=lambda: [3, 6, 9])
     r: Any = None  # ToMe: tokens merged per location instead of a keep rate
     budget: float | None = None  # fraction of the unpatched GMACs; keep_rate (ToMe with r set: r) solved to meet it
-    keep_rate_anneal_epochs: float = 0.0
+    keep_rate_anneal_epochs: float = 0.0  # EViT-style: keep rate goes linearly from 1 to keep_rate over these epochs
     schedule: str = "fixed"  # fixed (keep rate solved at locations) | auto (tpsvit.plan on training images; budget)
     calib_images: int = 1000  # schedule auto: the first N training images (un-augmented) calibrate
-    scorer: str = "default"  # default | random (random scores: the robustness study's fine-tuned rows)  # EViT-style: keep rate goes linearly from 1 to keep_rate over these epochs
+    scorer: str = "default"  # default | random (random scores: the robustness study's fine-tuned rows)
     # data
     data: str | None = None  # 'fashion-mnist', a folder of Fashion-MNIST IDX files, or an ImageFolder root
     train_split: str = "train"  # ImageFolder: sub-folder for training (if present)
@@ -102,7 +102,7 @@ class TrainConfig:
     predictor_loss: str = "gumbel"  # gumbel (the paper) | attention-distill (top-k forward, ranking loss)
     attention_distill_weight: float = 1.0  # predictor_loss attention-distill
     # engine
-    amp: str = "auto"  # auto (GPU: bf16 from compute capability 8.0, fp16 + scaler below; CPU: none) | none | bf16 | fp16
+    amp: str = "auto"  # auto (GPU: bf16 from capability 8.0, else fp16 + scaler; CPU: none) | none | bf16 | fp16
     grad_checkpointing: bool = False  # recompute every block in backward (patched ones too); less memory, ~1/3 slower
     find_unused_parameters: bool = False  # DDP; needed only if some parameter gets no gradient
     device: str = "auto"  # auto | cpu | cuda
