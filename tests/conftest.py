@@ -28,6 +28,13 @@ VARIANTS = {
 }
 
 
+# Device parametrisation: the CUDA cases run on a GPU machine (benchmarks/gpu.sh) and are skipped elsewhere.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")),
+]
+
+
 @pytest.fixture
 def images():
     torch.manual_seed(1)
