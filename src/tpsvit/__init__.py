@@ -6,7 +6,9 @@ from tpsvit.config import TPSConfig
 from tpsvit.errors import (
     CheckpointError,
     DatasetError,
+    ExportError,
     InvalidArgumentError,
+    MissingDependencyError,
     TPSError,
     UnsupportedModelError,
 )
@@ -21,11 +23,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # matplotlib is imported only when token maps are asked for
+    # matplotlib is imported only when token maps are asked for, onnx only when exporting
     if name == "visualize":
         from tpsvit.viz import visualize
 
         return visualize
+    if name == "export_onnx":
+        from tpsvit.export import export_onnx
+
+        return export_onnx
     raise AttributeError(f"module 'tpsvit' has no attribute {name!r}")
 
 
@@ -33,15 +39,18 @@ __all__ = [
     "METHODS",
     "CheckpointError",
     "DatasetError",
+    "ExportError",
     "ForwardState",
     "InvalidArgumentError",
     "LocationTrace",
+    "MissingDependencyError",
     "Schedule",
     "TPSConfig",
     "TPSError",
     "Trace",
     "UnsupportedModelError",
     "benchmark",
+    "export_onnx",
     "forward_state",
     "gmacs",
     "is_patched",

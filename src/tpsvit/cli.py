@@ -17,6 +17,7 @@ COMMANDS = {
     "flops": "flops",
     "train": "train",
     "viz": "viz",
+    "export": "export",
 }
 
 

@@ -19,3 +19,12 @@ class DatasetError(TPSError, ValueError):
 
 class CheckpointError(TPSError, ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class ExportError(TPSError, RuntimeError):
+    """An export that failed, or whose file does not reproduce the PyTorch model (ONNX logits off by more than the
+    tolerance)."""
+
+
+class MissingDependencyError(TPSError, ImportError):
+    """An optional dependency that a feature needs is not installed (the message says how to install it)."""
