@@ -23,7 +23,7 @@ import sys
 import torch
 
 from tpsvit.bench import benchmark_interleaved, environment, format_environment
-from tpsvit.budget import solve_keep_rate
+from tpsvit.budget import solve_keep_rate, solve_tome_r
 from tpsvit.evaluation import format_table, write_json
 from tpsvit.flops import gmacs
 from tpsvit.loading import create_model
@@ -34,8 +34,9 @@ LOCATIONS = (3, 6, 9)
 PAIRS = (("etps", "evit"), ("dtps", "dynamicvit"))  # (with squeeze, plain pruning at the same schedule)
 
 
-def build(keep_rates, budget: float) -> tuple[dict, dict, float]:
-    """Models by label, their GMACs, and the keep rate solved for the budget."""
+def build(keep_rates, budget: float, budget_methods=("etps",)) -> tuple[dict, dict, float]:
+    """Models by label, their GMACs, and etps's keep rate solved for the budget (each of ``budget_methods`` gets a
+    row at the budget: keep rate solved at 3, 6, 9; ToMe's r in every block)."""
     torch.manual_seed(0)
     base = create_model(SMALL, pretrained=False).eval()
     models = {"DeiT-S unpatched": base}
@@ -43,7 +44,13 @@ def build(keep_rates, budget: float) -> tuple[dict, dict, float]:
         for method in ("etps", "evit", "dtps", "dynamicvit"):
             models[f"DeiT-S {method} {rate:g}"] = patch(_clone(base), method, keep_rate=rate, locations=LOCATIONS)
     budget_rate = solve_keep_rate(SMALL, "etps", budget=budget, locations=LOCATIONS)
-    models[f"DeiT-S etps {budget:.0%} budget"] = patch(_clone(base), "etps", keep_rate=budget_rate, locations=LOCATIONS)
+    for method in dict.fromkeys(["etps", *budget_methods]):  # etps first: the headline row
+        if method == "tome":
+            model = patch(_clone(base), "tome", r=solve_tome_r(SMALL, budget=budget))
+        else:
+            rate = solve_keep_rate(SMALL, method, budget=budget, locations=LOCATIONS)
+            model = patch(_clone(base), method, keep_rate=rate, locations=LOCATIONS)
+        models[f"DeiT-S {method} {budget:.0%} budget"] = model
     models["DeiT-T unpatched"] = create_model(TINY, pretrained=False).eval()
     return models, {label: gmacs(m) for label, m in models.items()}, budget_rate
 
@@ -87,16 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"])
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--budget-methods", nargs="+", default=["etps"],
+                        choices=["etps", "dtps", "evit", "dynamicvit", "tome"],
+                        help="methods with a row at the budget (default: etps, the headline)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every model under torch.compile(fullgraph=True, dynamic=False) (inductor); the "
+                             "compile happens in the warm-up")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models, gmacs_of, budget_rate = build(args.keep_rates, args.budget)
+    models, gmacs_of, budget_rate = build(args.keep_rates, args.budget, args.budget_methods)
+    if args.compile:
+        models = {label: torch.compile(m, fullgraph=True, dynamic=False) for label, m in models.items()}
     env = environment(args.device, args.amp)
-    print(format_environment(env))
+    print(format_environment(env) + (", torch.compile (inductor)" if args.compile else ", eager"))
     print(f"{args.runs} timed run(s) x {args.repeats} interleaved rounds per model, {args.warmup} warm-up; "
           f"locations {list(LOCATIONS)}; {args.budget:.0%} budget = etps keep {budget_rate:g}")
-    report = {"environment": env, "locations": list(LOCATIONS), "budget": args.budget,
+    report = {"environment": env, "compiled": args.compile, "locations": list(LOCATIONS), "budget": args.budget,
               "budget_keep_rate": budget_rate, "runs": args.runs, "repeats": args.repeats, "warmup": args.warmup,
               "gmacs": gmacs_of, "batches": []}
     columns = [("label", "model", ""), ("gmacs", "GMACs", ".3f"), ("images_per_s", "images/s", ".1f"),
