@@ -1,15 +1,18 @@
 import csv
 
+import pytest
 from fmnist_files import write_fashion_mnist
 
 from tpsvit.cli import main
 
 
-def test_demo_runs_on_the_shipped_models(tmp_path, capsys):
+@pytest.mark.parametrize("data_name", [None, "fashion-mnist"])
+def test_demo_runs_on_the_shipped_models(tmp_path, capsys, data_name):
+    """Default: cluttered Fashion-MNIST and its shipped models; --data fashion-mnist: the plain ones."""
     data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=40)
     out = tmp_path / "demo"
-    code = main(["demo", "--data", "fashion-mnist", "--data-dir", str(data), "--methods", "etps", "dtps", "tome",
-                 "--budgets", "0.5",
+    chosen = ["--data", data_name] if data_name else []
+    code = main(["demo", *chosen, "--data-dir", str(data), "--methods", "etps", "dtps", "tome", "--budgets", "0.5",
                  "--out", str(out), "--no-progress", "--batch-size", "16"])
     assert code == 0
     with open(out / "results.csv") as handle:
@@ -23,7 +26,10 @@ def test_demo_runs_on_the_shipped_models(tmp_path, capsys):
     assert (out / "accuracy_vs_gmacs.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "token_maps").iterdir()) == [
         "test_0000_dtps.png", "test_0000_etps.png", "test_0000_tome.png"]
-    assert "50% budget" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "50% budget" in printed
+    model = "deit_mini_patch4_28" if data_name else "deit_mini_patch8_56"
+    assert f"tpsvit demo: {model} on {data_name or 'fashion-mnist-cluttered'} test (40 images)" in printed
 
 
 def test_demo_rejects_a_bad_budget(tmp_path, capsys):
