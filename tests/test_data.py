@@ -208,3 +208,30 @@ def test_real_fashion_mnist_test_split():
     assert x.shape == (10000, 1, 28, 28)
     assert torch.bincount(y, minlength=10).tolist() == [1000] * 10
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+def test_grey_image_folder_for_a_one_channel_model(tmp_path):
+    """A folder of 28x28 greyscale PNGs loads as 1-channel images resized to the model input, normalised with the
+    model's mean/std; an RGB folder still loads for a 1-channel model (converted to grey), and vice versa."""
+    import timm
+
+    import tpsvit.models  # noqa: F401
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "grey"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(root / cls / f"{i}.png")
+    model = timm.create_model("deit_mini_patch8_56")
+    ds = build_dataset(root, train=False, img_size=56, in_chans=1, model=model)
+    image, label = ds[0]
+    assert image.shape == (1, 56, 56) and label == 0 and num_classes_of(ds) == 2
+    raw = np.asarray(Image.open(root / "a" / "0.png").resize((56, 56), Image.BILINEAR), dtype=np.float32) / 255
+    assert image.mean().item() == pytest.approx((raw.mean() - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, abs=0.02)
+    assert build_dataset(root, train=True, img_size=28, in_chans=1, model=model)[3][0].shape == (1, 28, 28)
+    assert build_dataset(root, train=False, img_size=32, in_chans=3)[0][0].shape == (3, 32, 32)
+    rgb = build_dataset(make_image_folder(tmp_path / "rgb"), train=False, img_size=28, in_chans=1, model=model)
+    assert rgb[0][0].shape == (1, 28, 28)
+    with pytest.raises(DatasetError, match="in_chans 2"):
+        build_dataset(root, train=False, img_size=28, in_chans=2)

@@ -183,3 +183,29 @@ def test_unreadable_image_is_one_line_exit_2(image_folder, tiny_checkpoint, caps
     assert run_eval("--checkpoint", tiny_checkpoint, "--data", image_folder, "--workers", workers,
                     "--locations", "1", "2") == 2
     assert "broken.png" in one_line_error(capsys)
+
+
+def test_eval_grey_image_folder_with_a_grey_model(tmp_path, capsys):
+    """A folder of 28x28 greyscale PNGs evaluates with a 1-channel model (the shipped model's architecture)."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "grey"
+    for c in range(10):
+        (root / f"c{c}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(root / f"c{c}" / "0.png")
+    assert run_eval("--model", "deit_mini_patch4_28", "--data", root, "--keep-rates", "0.5", "--workers", 0) == 0
+    out = capsys.readouterr()
+    assert "ImageFolder" in out.out and "10 images" in out.out and "warning" not in out.err
+    assert run_eval("--model", "deit_mini_patch4_28", "--data", root, "--split", "train") == 2
+    assert "--split train is for Fashion-MNIST" in one_line_error(capsys)
+
+
+def test_head_larger_than_the_dataset_warns_on_one_line(image_folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    kwargs = dict(TINY, num_classes=1000)
+    model = tpsvit.loading.create_model("vit_tiny_patch16_224", **kwargs)
+    checkpoint = save_checkpoint(model, tmp_path / "wide.safetensors", "vit_tiny_patch16_224", kwargs)
+    assert run_eval("--checkpoint", checkpoint, "--data", image_folder, "--workers", 0, "--keep-rates", "0.5",
+                    "--locations", "1", "2") == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tpsvit eval: warning:") and "\n" not in err
+    assert "1000 classes" in err and "has 3" in err

@@ -308,17 +308,26 @@ def fashion_mnist_transform(img_size: int = 28, in_chans: int = 1,
 
 def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB; an unreadable or corrupt file raises DatasetError naming it."""
+    return _load(path, "RGB")
+
+
+def load_grey(path: str) -> Image.Image:
+    """Open an image as greyscale ('L'); an unreadable or corrupt file raises DatasetError naming it."""
+    return _load(path, "L")
+
+
+def _load(path: str, mode: str) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {e}; remove or replace the file") from e
 
 
-def image_folder(root: str | os.PathLike, transform: Callable | None = None):
+def image_folder(root: str | os.PathLike, transform: Callable | None = None, in_chans: int = 3):
     """torchvision ImageFolder over ``root/<class>/<image>`` (e.g. ImageNet val).
 
-    Its loader turns an unreadable image into a DatasetError naming the file. Raises DatasetError
+    Images are read as RGB, or as greyscale when ``in_chans`` is 1. Its loader turns an unreadable image into a DatasetError naming the file. Raises DatasetError
     when root is missing, is not a directory, has no class folders or no images.
     """
     from torchvision.datasets import ImageFolder
@@ -332,7 +341,7 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None):
     if not any(p.is_dir() for p in root.iterdir()):
         raise DatasetError(f"image folder {root} has no class folders; {layout}")
     try:
-        return ImageFolder(str(root), transform=transform, loader=load_rgb)
+        return ImageFolder(str(root), transform=transform, loader=load_grey if in_chans == 1 else load_rgb)
     except FileNotFoundError as e:  # torchvision: some class folder holds no image files
         raise DatasetError(f"image folder {root} is missing images: {e}; {layout}") from e
 
@@ -345,6 +354,24 @@ def imagefolder_transform(model: torch.nn.Module | None = None, train: bool = Fa
 
     cfg = timm.data.resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
     return timm.data.create_transform(**cfg, is_training=train)
+
+
+def grey_imagefolder_transform(model: torch.nn.Module | None = None, train: bool = False, img_size: int = 28):
+    """Greyscale ('L') images -> float (1, img_size, img_size): resized to the model's input (bilinear, no crop),
+    normalised with the model's mean/std (one value; a 3-channel mean/std is averaged; Fashion-MNIST's without a
+    model). ``train=True`` adds a random crop (padding img_size // 14) and a horizontal flip."""
+    import timm.data
+    from torchvision import transforms
+
+    mean, std = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
+    if model is not None:
+        cfg = timm.data.resolve_data_config({"input_size": (1, img_size, img_size)}, model=model)
+        mean, std = (float(np.mean(cfg["mean"])),), (float(np.mean(cfg["std"])),)
+    steps = [transforms.Resize((img_size, img_size), interpolation=transforms.InterpolationMode.BILINEAR)]
+    if train:
+        steps += [transforms.RandomCrop(img_size, padding=max(1, img_size // 14)), transforms.RandomHorizontalFlip()]
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
@@ -368,7 +395,8 @@ def build_dataset(name_or_path: str | os.PathLike, train: bool, img_size: int, i
     Accepted: "fashion-mnist" / "fmnist" (found as in ``find_fashion_mnist``); "fashion-mnist-cluttered" (the same
     files, see :class:`ClutteredFashionMNIST`); a directory holding the
     Fashion-MNIST IDX files (or ``FashionMNIST/raw`` below it); an ImageFolder tree ``root/<class>/<image>``,
-    transformed with ``imagefolder_transform(model, train, img_size)``. ``limit`` keeps a deterministic subset
+    transformed with ``imagefolder_transform(model, train, img_size)`` (RGB), or read as greyscale and transformed
+    with ``grey_imagefolder_transform`` when ``in_chans`` is 1. ``limit`` keeps a deterministic subset
     (Fashion-MNIST: the first N; ImageFolder: N spread evenly over the classes).
     """
     _check_size(img_size, in_chans)
@@ -388,10 +416,14 @@ def build_dataset(name_or_path: str | os.PathLike, train: bool, img_size: int, i
     if path.is_dir() and _fashion_mnist_dir(path) is not None:
         return FashionMNIST(path, train, fashion_mnist_transform(img_size, in_chans, train), limit)
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
-        if in_chans != 3:
-            raise DatasetError(f"in_chans {in_chans} does not fit RGB image folder {path}; use in_chans=3")
-        transform = imagefolder_transform(model, train, img_size)
-        return _keep_spread(image_folder(path, transform), limit)
+        if in_chans not in (1, 3):
+            raise DatasetError(f"in_chans {in_chans} does not fit image folder {path}; use 1 (read as greyscale) "
+                               "or 3 (read as RGB)")
+        if in_chans == 1:
+            transform = grey_imagefolder_transform(model, train, img_size)
+        else:
+            transform = imagefolder_transform(model, train, img_size)
+        return _keep_spread(image_folder(path, transform, in_chans=in_chans), limit)
     raise DatasetError(
         f"dataset path {path} is neither Fashion-MNIST IDX files nor an ImageFolder tree; {accepted}"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="'fashion-mnist', 'fashion-mnist-cluttered', a folder of Fashion-MNIST IDX files, or an "
                             "ImageFolder tree root/<class>/<image> (default: fashion-mnist for 28x28 grey models, "
                             "fashion-mnist-cluttered for 56x56 ones)")
-    group.add_argument("--split", choices=["test", "train"], default="test", help="Fashion-MNIST split (default: test)")
+    group.add_argument("--split", choices=["test", "train"],
+                       help="Fashion-MNIST split (default: test; not for an ImageFolder tree, which is one split)")
     group.add_argument("--limit", type=int, metavar="N", help="evaluate N images only (a deterministic subset)")
     group.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -111,12 +113,16 @@ def load_data(args: argparse.Namespace, model):
         if data is None:
             raise DatasetError(f"this model takes {chans}x{h}x{w} images; pass --data with an ImageFolder tree "
                                "(root/<class>/<image>), 'fashion-mnist' or 'fashion-mnist-cluttered'")
-    dataset = build_dataset(data, train=args.split == "train", img_size=h, in_chans=chans, model=model,
+    split = args.split or "test"
+    dataset = build_dataset(data, train=split == "train", img_size=h, in_chans=chans, model=model,
                             limit=args.limit)
     classes = num_classes_of(dataset)
     if isinstance(dataset, FashionMNIST):
         name = "cluttered Fashion-MNIST" if isinstance(dataset, ClutteredFashionMNIST) else "Fashion-MNIST"
-        return dataset.tensors(), f"{name} {args.split} ({dataset.root})", classes
+        return dataset.tensors(), f"{name} {split} ({dataset.root})", classes
+    if args.split is not None:
+        raise InvalidArgumentError(f"--split {args.split} is for Fashion-MNIST; an ImageFolder tree ({data}) is one "
+                                   "split: pass the folder of the split you want")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=torch.cuda.is_available())
     return loader, f"ImageFolder {data}", classes
@@ -135,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     if classes > model_classes:
         raise DatasetError(f"{description} has {classes} classes but the model predicts {model_classes}; "
                            "use a model or checkpoint trained for this dataset")
+    if classes < model_classes:
+        print(f"tpsvit eval: warning: the model's head predicts {model_classes} classes but {description} has "
+              f"{classes}; labels are the dataset's class indices 0..{classes - 1} (sorted folder names), so unless the "
+              "model was trained with these labels expect ~0% top-1", file=sys.stderr)
     variants, schedules = variants_from_args(args, base), []
     if args.schedule == "auto":
         variants, schedules = auto_schedules(args, base, variants)
@@ -164,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{count} images; images/s = forward passes during evaluation, batch {args.batch_size}")
     if args.out:
         out = Path(args.out)
-        report = {"model": name, "checkpoint": checkpoint, "data": description, "split": args.split,
+        report = {"model": name, "checkpoint": checkpoint, "data": description, "split": args.split or "test",
                   "limit": args.limit, "count": count, "batch_size": args.batch_size, "environment": env,
                   "provenance": {k: v for k, v in meta.items() if k not in ("model_kwargs",)},
                   "schedule": args.schedule, "schedules": [s.as_dict() for _, s in schedules], "rows": rows}

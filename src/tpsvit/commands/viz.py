@@ -212,6 +212,8 @@ def dataset_samples(data: str, split: str, index: list[int] | None, samples: int
     dataset = build_dataset(data, train=split == "train", img_size=height, in_chans=chans, model=model, limit=limit)
     if isinstance(dataset, FashionMNIST):
         mean, std = (FASHION_MNIST_MEAN,) * chans, (FASHION_MNIST_STD,) * chans
+    elif chans == 1:  # read as greyscale with one mean/std, as data.grey_imagefolder_transform does
+        mean, std = (sum(cfg["mean"]) / len(cfg["mean"]),), (sum(cfg["std"]) / len(cfg["std"]),)
     else:
         mean, std = cfg["mean"], cfg["std"]
     index = list(range(len(dataset))) if index is None else index
