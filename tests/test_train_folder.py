@@ -12,7 +12,7 @@ from fmnist_files import write_fashion_mnist
 from PIL import Image
 from test_train_run import config
 
-from tpsvit.errors import InvalidArgumentError
+from tpsvit.errors import DatasetError, InvalidArgumentError
 from tpsvit.train import train
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
@@ -67,3 +67,21 @@ def test_resume_refuses_a_changed_setting(tmp_path):
     before = torch.load(out / "last.pt", weights_only=True)["global_step"]
     results = train(config(data, out, epochs=2, batch_size=16, resume=True))  # more epochs: allowed
     assert before == 2 and results["global_step"] == 4 and len(results["history"]) == 2
+
+
+def test_missing_data_path_is_named_as_missing(tmp_path):
+    with pytest.raises(DatasetError, match=r"--data '/nonexistent/x' does not exist"):
+        train({"recipe": "fmnist-scratch", "data": "/nonexistent/x", "out": str(tmp_path / "run"), "threads": 1})
+
+
+def test_grey_imagefolder_trains_a_one_channel_model(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "grey"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(root / f"c{c}" / f"{i}.png")
+    results = train({"recipe": "fmnist-scratch", "data": str(root), "augment": "none", "out": str(tmp_path / "run"),
+                     "model_kwargs": {"depth": 2, "embed_dim": 16, "num_heads": 2, "num_classes": 2},
+                     "batch_size": 4, "epochs": 1, "workers": 0, "threads": 1, "warmup_epochs": 0})
+    assert results["global_step"] == 2 and results["history"][0]["test_top1"] is not None

@@ -32,7 +32,9 @@ from tpsvit.data import (
     ClutteredFashionMNIST,
     FashionMNIST,
     find_fashion_mnist,
+    grey_imagefolder_transform,
     image_folder,
+    load_grey,
     normalize_uint8,
     resize_and_expand,
 )
@@ -231,6 +233,10 @@ class RawData:
 
 def find_data(cfg) -> RawData:
     """Open the datasets of ``cfg.data`` and check they hold images (before any model is built)."""
+    if cfg.data.lower() not in FASHION_MNIST_NAMES + CLUTTERED_NAMES and not Path(cfg.data).expanduser().exists():
+        raise DatasetError(f"--data {cfg.data!r} does not exist; expected 'fashion-mnist', 'fashion-mnist-cluttered', "
+                           "a Fashion-MNIST IDX folder or an ImageFolder root (root/<class>/<image> or root/train, "
+                           "root/val)")
     if _is_fashion_mnist(cfg.data):
         if cfg.augment == "deit":
             raise InvalidArgumentError("augment=deit needs an ImageFolder dataset; Fashion-MNIST takes augment=fmnist "
@@ -283,10 +289,16 @@ def build_data(cfg, raw: RawData, model, rank: int, world: int, batch_size: int,
         train = TensorBatches(x, y, batch_size, rank, world, cfg.seed, True, augment, img_size, in_chans)
         test = TensorBatches(xt, yt, eval_batch, rank, world, cfg.seed, False, None, img_size, in_chans)
         return DataBundle(train, test, raw.classes, raw.description)
-    if in_chans != 3:
-        raise DatasetError(f"ImageFolder {cfg.data!r} holds RGB images but the model takes {in_chans} channel(s); "
-                           "set model_kwargs in_chans=3")
-    raw.train.transform, raw.eval.transform = folder_transforms(cfg, model, img_size)
+    if in_chans == 1:  # read as greyscale; crop + flip for training (timm's DeiT augmentation is for RGB)
+        for dataset in (raw.train, raw.eval):
+            dataset.loader = load_grey
+        raw.train.transform = grey_imagefolder_transform(model, cfg.augment != "none", img_size)
+        raw.eval.transform = grey_imagefolder_transform(model, False, img_size)
+    elif in_chans != 3:
+        raise DatasetError(f"ImageFolder {cfg.data!r} holds images but the model takes {in_chans} channels; "
+                           "set model_kwargs in_chans=3 (RGB) or 1 (greyscale)")
+    else:
+        raw.train.transform, raw.eval.transform = folder_transforms(cfg, model, img_size)
     train_set, val_set = _spread(raw.train, cfg.limit), _spread(raw.eval, cfg.val_limit)
     repeats = cfg.aug_repeats if cfg.augment == "deit" else 1
     train = FolderBatches(train_set, batch_size, rank, world, cfg.seed, True, repeats, cfg.workers, pin_memory)
