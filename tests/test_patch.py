@@ -41,9 +41,10 @@ def test_models_without_class_token(method, images):
 
 
 @pytest.mark.parametrize("method", ["etps", "evit"])
-def test_class_attention_methods_need_a_class_token(method):
-    with pytest.raises(TypeError, match="class token"):
-        tpsvit.patch(tiny_vit(class_token=False, global_pool="avg"), method, locations=(1,))
+def test_class_attention_methods_fall_back_to_the_class_free_scorer(method):
+    with pytest.warns(UserWarning, match="no class token"):
+        model = tpsvit.patch(tiny_vit(class_token=False, global_pool="avg"), method, locations=(1,))
+    assert model.tps.scorer == "attention_received"  # tests/test_class_free.py covers it
 
 
 def _block_lengths(model, images):

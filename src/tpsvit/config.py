@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.methods import SCORER_OVERRIDES, Method, get_method
+from tpsvit.methods import CLASS_FREE_SCORER, SCORER_OVERRIDES, Method, get_method
 
 DEFAULT_LOCATIONS = (3, 6, 9)
 FUSE_MODES = ("sum", "mean")  # EViT's fused token: the release's weighted sum, or a renormalised weighted mean
@@ -24,7 +24,9 @@ class TPSConfig:
             ``None`` for ToMe with a fixed ``r``.
         r: ToMe's tokens merged per location (one per location), or ``None``.
         temperature: similarity temperature of the squeeze (TPS methods).
-        scorer: ``"default"`` or ``"random"`` (random scores, for robustness studies).
+        scorer: ``"default"``, ``"random"`` (random scores, for robustness studies) or ``"attention_received"``
+            (etps / evit: the attention each patch token receives, averaged over queries and heads, instead of the
+            class token's row; beyond the paper, and the default on a model without a class token).
         depth: number of blocks of the model.
         num_prefix_tokens: class / distillation / register tokens, never reduced.
         fuse: EViT's fused token: ``"sum"`` (the release: class-attention-weighted sum of the pruned tokens) or
@@ -94,8 +96,13 @@ def make_config(
     temperature: float = 1.0,
     scorer: str = "default",
     fuse: str = "sum",
+    class_token: bool = True,
 ) -> TPSConfig:
-    """Validate user arguments into a :class:`TPSConfig`, with errors that say what is allowed."""
+    """Validate user arguments into a :class:`TPSConfig`, with errors that say what is allowed.
+
+    ``class_token=False`` (a model without one): etps / evit with ``scorer="default"`` get the class-free scorer
+    ``"attention_received"`` (the caller tells the user).
+    """
     spec = get_method(method)
     if locations is None:
         locations = ()
@@ -120,6 +127,13 @@ def make_config(
         raise InvalidArgumentError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORER_OVERRIDES)}")
     if scorer == "random" and spec.reducer == "merge":
         raise InvalidArgumentError("scorer='random' is not defined for ToMe (its matching is its scorer)")
+    if scorer == CLASS_FREE_SCORER and not spec.needs_class_token:
+        raise InvalidArgumentError(
+            f"scorer={CLASS_FREE_SCORER!r} replaces the class-token attention of etps / evit; method {spec.name!r} "
+            "has no such scorer"
+        )
+    if scorer == "default" and spec.needs_class_token and not class_token:
+        scorer = CLASS_FREE_SCORER
     if fuse not in FUSE_MODES:
         raise InvalidArgumentError(f"unknown fuse {fuse!r}; allowed: {', '.join(FUSE_MODES)}")
     if fuse != "sum" and spec.reducer != "fuse_one":

@@ -5,7 +5,8 @@ What is counted (multiply-accumulates per image, the convention of the token-red
 * the patch embedding (a convolution over every patch) and the classifier head(s) on the pooled token;
 * per block: the attention's linear layers (qkv, proj) on the tokens attention sees, the two attention products
   (``q @ k^T`` and ``attn @ v``, N^2 x heads x head_dim each) and the MLP's linear layers on the tokens the MLP sees;
-* per reduction step: the scorer (the class-token attention row ``q_cls @ K^T``: N x heads x head_dim; the learned
+* per reduction step: the scorer (the class-token attention row ``q_cls @ K^T``: N x heads x head_dim; the
+  class-free ``attention_received`` scorer: every query's row, N^2 x heads x head_dim; the learned
   predictor's linear layers on every patch token; ToMe's bipartite matching: ceil(t/2) x floor(t/2) x head_dim over
   all t tokens, prefix included) and TPS's squeeze similarity (pruned x reserved x C).
 
@@ -185,6 +186,8 @@ def _reduction_macs(shape: ViTShape, config: TPSConfig, n: int, reduction: dict)
         scorer = 0
     elif spec.scorer == "predictor":
         scorer = n * shape.predictor_macs
+    elif config.scorer == "attention_received":  # every query's row: one more Q K^T product
+        scorer = (shape.num_prefix_tokens + n) ** 2 * shape.attn_dim
     else:  # the class token's attention row over every token the block attends to
         scorer = (shape.num_prefix_tokens + n) * shape.attn_dim
     squeeze = (n - k) * k * shape.embed_dim if spec.reducer == "squeeze" else 0

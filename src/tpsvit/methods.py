@@ -102,7 +102,10 @@ METHODS: dict[str, Method] = {
     )
 }
 
-SCORER_OVERRIDES = ("default", "random")
+SCORER_OVERRIDES = ("default", "random", "attention_received")
+# Beyond the paper: the class-free scorer of etps / evit (attention each patch token receives, averaged over queries
+# and heads). The default for those methods on a model without a class token.
+CLASS_FREE_SCORER = "attention_received"
 
 
 def get_method(name: str) -> Method:

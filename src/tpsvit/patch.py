@@ -8,6 +8,7 @@ on a small runtime object shared by the model and its blocks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from torch import Tensor, nn
 
 from tpsvit.config import DEFAULT_LOCATIONS, TPSConfig, make_config
 from tpsvit.errors import UnsupportedModelError
-from tpsvit.methods import keep_count, tome_merge_count
+from tpsvit.methods import CLASS_FREE_SCORER, keep_count, tome_merge_count
 from tpsvit.reducers import Reduction, bipartite_merge, drop_reduce, fuse_one_reduce, squeeze_reduce
 from tpsvit.scoring import (
     TokenPredictor,
+    attention_received,
     class_attention,
     gumbel_keep,
     masked_class_attention,
@@ -186,6 +188,9 @@ def _scores(block: nn.Module, patches: Tensor, qkv: Tensor | None, state: Forwar
     if config.spec.scorer == "predictor":
         return block._tps_predictor(patches)[..., 0]
     bias = _size_bias(state.size, qkv.dtype) if state.size is not None else None
+    if config.scorer == CLASS_FREE_SCORER:
+        q, k, _ = split_qkv(block.attn, qkv)
+        return attention_received(q, k, block.attn.scale, config.num_prefix_tokens, bias)
     return class_attention(block.attn, qkv, config.num_prefix_tokens, bias)
 
 
@@ -315,20 +320,26 @@ def patch(
         r: ToMe only: tokens merged per location instead of a keep rate; with the default locations, ToMe's usual
             "r in every block".
         temperature: similarity temperature of the squeeze (etps, dtps).
-        scorer: ``"random"`` replaces the method's scorer by random scores (robustness studies).
+        scorer: ``"random"`` replaces the method's scorer by random scores (robustness studies);
+            ``"attention_received"`` (etps / evit, beyond the paper) scores each patch token by the attention it
+            receives, averaged over all queries and heads, instead of the class token's row. It is the default, with
+            a warning, on a model without a class token (SigLIP-style, ``class_token=False``, ``global_pool='avg'``).
         fuse: EViT only: ``"sum"`` (the release: the pruned tokens' class-attention-weighted sum) or ``"mean"``
             (those weights renormalised to a weighted mean; not in the release).
 
     Re-patching a patched model unpatches it first; learned predictors at locations that stay are kept.
     """
     _check_model(model)
+    class_token = getattr(model, "cls_token", None) is not None
     config = make_config(
-        method, len(model.blocks), int(model.num_prefix_tokens), keep_rate, locations, r, temperature, scorer, fuse
+        method, len(model.blocks), int(model.num_prefix_tokens), keep_rate, locations, r, temperature, scorer, fuse,
+        class_token=class_token,
     )
-    if config.spec.needs_class_token and getattr(model, "cls_token", None) is None:
-        raise UnsupportedModelError(
-            f"method {config.method!r} scores tokens by class-token attention, but this model has no class token; "
-            "use 'dtps', 'dynamicvit' or 'tome'"
+    if scorer == "default" and config.scorer == CLASS_FREE_SCORER:
+        warnings.warn(
+            f"tpsvit: this model has no class token, so {config.method} scores tokens by the attention they receive "
+            f"(scorer={CLASS_FREE_SCORER!r}, beyond the paper) instead of class-token attention",
+            UserWarning, stacklevel=2,
         )
     previous = getattr(model, PREDICTORS, None) if is_patched(model) else None
     unpatch(model)  # only once the new patch is known to be valid: a bad call leaves the model as it was
@@ -338,7 +349,7 @@ def patch(
     model._tps_runtime = runtime
     if predictors is not None:
         setattr(model, PREDICTORS, predictors)
-    captures = config.spec.scorer in ("cls_attention", "matching") and config.scorer == "default"
+    captures = config.spec.scorer in ("cls_attention", "matching") and config.scorer in ("default", CLASS_FREE_SCORER)
     for index, block in enumerate(model.blocks):
         block.__class__ = _subclass(type(block), _TPSBlock)
         block._tps_runtime = runtime

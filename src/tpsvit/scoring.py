@@ -28,11 +28,47 @@ def class_attention(attn: nn.Module, qkv: Tensor, num_prefix: int, bias: Tensor 
     parts = qkv.reshape(batch, tokens, 3, heads, dim)
     q_cls = attn.q_norm(parts[:, :1, 0].transpose(1, 2))  # (B, H, 1, D)
     keys = attn.k_norm(parts[:, :, 1].transpose(1, 2))  # (B, H, N, D)
-    with full_precision(qkv):
-        logits = (q_cls.float() * attn.scale) @ keys.float().transpose(-2, -1)  # (B, H, 1, N)
+    return class_attention_qk(q_cls, keys, attn.scale, num_prefix, bias)
+
+
+def class_attention_qk(q: Tensor, keys: Tensor, scale: float, num_prefix: int, bias: Tensor | None = None) -> Tensor:
+    """:func:`class_attention` from q (B, H, >=1, D) and keys (B, H, N, D) as the attention uses them (normed,
+    rotated): the first query's softmax row over all keys, averaged over heads, patch columns only (float32)."""
+    with full_precision(keys):
+        logits = (q[:, :, :1].float() * scale) @ keys.float().transpose(-2, -1)  # (B, H, 1, N)
         if bias is not None:
             logits = logits + bias.float()
         return logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
+
+
+# Elements of one (B, H, queries, N) chunk of attention logits in attention_received (float32: 4 bytes each).
+RECEIVED_CHUNK_ELEMENTS = 1 << 24
+
+
+def attention_received(
+    q: Tensor, keys: Tensor, scale: float, num_prefix: int, bias: Tensor | None = None,
+    chunk_elements: int = RECEIVED_CHUNK_ELEMENTS,
+) -> Tensor:
+    """Attention each patch token *receives*, averaged over every query (prefix included) and every head:
+    (B, N_patch), float32. The class-free scorer (``scorer="attention_received"``; beyond the paper, which scores
+    eTPS by the class token's attention).
+
+    ``mean_q softmax(q K^T)`` needs each query's own softmax normaliser, so the full N x N map is never built at
+    once: queries are taken in chunks of at most ``chunk_elements / (B * H * N)`` rows, each chunk's softmax summed
+    over its queries. Cost: one extra ``Q K^T`` product (N^2 x heads x head_dim MACs). ``bias`` (B or 1, 1, 1, N):
+    the additive key bias the block used (ToMe's sizes), or None.
+    """
+    batch, heads, tokens, _ = q.shape
+    rows = max(1, min(tokens, chunk_elements // max(1, batch * heads * keys.shape[-2])))
+    with full_precision(keys):
+        keys_t = keys.float().transpose(-2, -1)
+        received = keys_t.new_zeros(batch, keys.shape[-2])
+        for start in range(0, tokens, rows):
+            logits = (q[:, :, start : start + rows].float() * scale) @ keys_t  # (B, H, rows, N)
+            if bias is not None:
+                logits = logits + bias.float()
+            received = received + logits.softmax(dim=-1).sum(dim=(1, 2))
+        return (received / (heads * tokens))[:, num_prefix:]
 
 
 def mean_keys(attn: nn.Module, qkv: Tensor) -> Tensor:
