@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from tpsvit.viz import visualize
 
         return visualize
+    if name == "load_model":
+        from tpsvit.loading import load_model
+
+        return load_model
     if name == "export_onnx":
         from tpsvit.export import export_onnx
 
@@ -54,6 +58,7 @@ __all__ = [
     "forward_state",
     "gmacs",
     "is_patched",
+    "load_model",
     "patch",
     "plan",
     "restore",

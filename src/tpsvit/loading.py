@@ -31,15 +31,82 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise InvalidArgumentError(f"unknown timm model {name!r}{hint}")
+    host = _weights_host(name, kwargs) if pretrained else None
+    if host is not None and not _reachable(host):
+        # No network: timm would retry for about a minute. Try the local cache only, then fail on one line.
+        try:
+            with _hub_offline():
+                return timm.create_model(name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError, ValueError):
+            raise CheckpointError(f"cannot reach {host} and the pretrained weights of {name!r} are not in the local "
+                                  f"cache; {OFFLINE_HINT}") from None
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
         if pretrained:
             raise CheckpointError(
-                f"could not download pretrained weights for {name!r} ({type(err).__name__}); without internet, pass "
-                "--checkpoint FILE with the weights"
+                f"could not download pretrained weights for {name!r} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}"
             ) from None
         raise
+
+
+OFFLINE_HINT = ("offline, load a local weights file: tpsvit.load_model(NAME, checkpoint=FILE), `--model NAME "
+                "--checkpoint FILE` on the CLI, or timm.create_model(NAME, pretrained=True, "
+                "pretrained_cfg_overlay=dict(file=FILE)); weights downloaded before load from the cache with "
+                "HF_HUB_OFFLINE=1")
+
+
+def _weights_host(name: str, kwargs: dict) -> str | None:
+    """The host timm would download ``name``'s pretrained weights from; None when no download is needed (a local
+    file in the pretrained config, HF_HUB_OFFLINE set) or the source is unknown (then timm decides)."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    for key in ("pretrained_cfg_overlay", "pretrained_cfg"):
+        if isinstance(kwargs.get(key), dict) and kwargs[key].get("file"):
+            return None
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 (an unusual name or tag: let timm report it)
+        return None
+    if cfg is None or getattr(cfg, "file", None):
+        return None
+    if getattr(cfg, "hf_hub_id", None):
+        return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    url = getattr(cfg, "url", None)
+    return urlparse(url).hostname if url else None
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` port 443 opens within ``timeout`` seconds (name lookup included)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class _hub_offline:
+    """Within the block, huggingface_hub reads its local cache only (as with HF_HUB_OFFLINE=1)."""
+
+    def __enter__(self):
+        try:
+            from huggingface_hub import constants
+        except ImportError:
+            self.constants = None
+            return self
+        self.constants, self.before = constants, constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.constants is not None:
+            self.constants.HF_HUB_OFFLINE = self.before
+        return False
 
 
 def patch_spec(model: nn.Module) -> dict | None:
