@@ -124,6 +124,54 @@ def test_sigkill_mid_epoch_then_resume_is_exact(data, tmp_path):
         assert torch.equal(resumed[key], straight[key]), key
 
 
+def test_sigint_mid_epoch_saves_the_step_and_resume_is_exact(data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C finishes the current optimiser step, writes last.pt there (not at a --save-every-steps multiple),
+    prints the resume command and exits 130; the resumed run ends with the weights of an uninterrupted one."""
+    from tpsvit.train import engine
+
+    out = tmp_path / "interrupted"
+    original = engine.Run._step
+
+    def step_then_ctrl_c(self, batches, epoch, step):
+        result = original(self, batches, epoch, step)
+        if self.global_step == 37:  # epoch 2, step 7 of 30: between two --save-every-steps 2 saves
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(engine.Run, "_step", step_then_ctrl_c)
+    assert cli_main(_run_args(data, out)) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: saving last.pt after this step" in err
+    assert f"stopped at epoch 2 step 7/30 (global step 37); saved {out / 'last.pt'}; continue with: " in err
+    assert err.rstrip().splitlines()[-2].endswith(" --resume")
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 7, 37)
+    assert not (out / "final.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(engine.Run, "_step", original)
+
+    assert cli_main([*_run_args(data, out), "--resume"]) == 0
+    reference = tmp_path / "straight"
+    assert cli_main(_run_args(data, reference)) == 0
+    resumed, straight = load_file(out / "final.safetensors"), load_file(reference / "final.safetensors")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_resume_with_nothing_to_resume(data, tmp_path, capsys):
+    fresh = tmp_path / "new"
+    results = train(config(data, fresh, epochs=1, steps_per_epoch=1, val_limit=8, resume=True))
+    assert results["global_step"] == 1
+    assert f"--resume: nothing to resume in {fresh} (no last.pt); starting a fresh run" in capsys.readouterr().err
+    other = tmp_path / "typo"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a run")
+    with pytest.raises(InvalidArgumentError, match=r"--resume: .*typo has no last.pt to resume but holds other files "
+                                                   r"\(notes.txt\)"):
+        train(config(data, other, epochs=1, resume=True))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

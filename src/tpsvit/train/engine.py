@@ -17,7 +17,9 @@ import math
 import platform
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import replace
@@ -59,6 +61,35 @@ LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio", "attention_distill
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 WARM_START_EPOCH = 1_000_003  # the warm start's data order: unlike any training epoch's
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM during :meth:`Run.fit`: finish the current optimiser step, save ``last.pt`` there, then stop
+    (:meth:`Run._interrupted`). A second signal stops at once, without saving. Handlers are installed only in the
+    main thread and restored on exit."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\ntpsvit train: {signal.Signals(signum).name}: saving last.pt after this step (send it again to stop "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+        return False
 
 
 class _EpochBatches:
@@ -205,7 +236,17 @@ class Run:
 
     def _resume_state(self, cfg: TrainConfig) -> dict | None:
         if cfg.resume:
-            return load_state(cfg.out)
+            state = load_state(cfg.out)
+            if state is None:
+                others = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
+                if others:
+                    shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                    raise InvalidArgumentError(f"--resume: {self.out} has no {STATE_FILE} to resume but holds other "
+                                               f"files ({shown}); check --out, or start a new run in an empty folder")
+                if self.info.is_main:
+                    print(f"tpsvit train: warning: --resume: nothing to resume in {self.out} (no {STATE_FILE}); "
+                          "starting a fresh run", file=sys.stderr)
+            return state
         if (self.out / STATE_FILE).exists():
             raise InvalidArgumentError(f"{self.out / STATE_FILE} exists; pass --resume to continue that run or "
                                        "choose another --out")
@@ -475,12 +516,17 @@ class Run:
             done = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{sums['total'] / done:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
-            if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and done < self.steps_per_epoch:
+            stop = done < self.steps_per_epoch and self._stop_requested()
+            if stop or (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0
+                        and done < self.steps_per_epoch):
                 now = time.time()
                 self.wall_time += now - segment
                 segment = now
                 self.partial = {**sums, "elapsed": prior + now - began}
                 self._save_state(epoch, done)
+            if stop:
+                bar.close()
+                self._interrupted(epoch, done)
         bar.close()
         end = time.time()
         self.wall_time += end - segment
@@ -504,6 +550,29 @@ class Run:
                   f"{self.steps_per_epoch} steps, global batch {cfg.batch_size} = {info.world_size} ranks x "
                   f"{self.per_rank} per device x {self.accum} accum{self._device_batch_note()}, device {info.device}, "
                   f"amp {self.amp or 'off'}{extra} -> {self.out}", file=sys.stderr)
+        with _StopRequest() as self._stop:
+            return self._fit()
+
+    def _stop_requested(self) -> bool:
+        """Whether a SIGINT/SIGTERM arrived (on any rank: every rank stops at the same step)."""
+        wanted = float(getattr(self, "_stop", None) is not None and self._stop.signum is not None)
+        return distributed.all_reduce_sum([wanted], self.info)[0] > 0
+
+    def _interrupted(self, epoch: int, step: int) -> None:
+        """After the state was saved at (epoch, step): say how to resume, then stop with KeyboardInterrupt."""
+        if self.info.is_main:
+            try:
+                words = shlex.split(self.command)
+            except ValueError:
+                words = [self.command]
+            again = self.command if "--resume" in words else f"{self.command} --resume"
+            print(f"tpsvit train: stopped at epoch {epoch + 1} step {step}/{self.steps_per_epoch} (global step "
+                  f"{self.global_step}); saved {self.out / STATE_FILE}; continue with: {again}", file=sys.stderr,
+                  flush=True)
+        raise KeyboardInterrupt
+
+    def _fit(self) -> dict:
+        cfg, info = self.cfg, self.info
         last_eval = None
         for epoch in range(self.start_epoch, cfg.epochs):
             start = self.start_step if epoch == self.start_epoch else 0
@@ -525,6 +594,8 @@ class Run:
             self.metrics.write(self.history, self.summary())
             if info.is_main:
                 print(self._epoch_line(row), file=sys.stderr)
+            if epoch + 1 < cfg.epochs and self._stop_requested():
+                self._interrupted(epoch + 1, 0)
         final_top1 = self.history[-1].get("test_top1") if self.history else None
         final = self._export("final.safetensors", final_top1, cfg.epochs)
         self.metrics.write(self.history, self.summary())
