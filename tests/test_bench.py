@@ -64,7 +64,9 @@ def test_bench_cli(tmp_path, capsys):
                  "--batch-size", "2", "4", "--runs", "1", "--repeats", "2", "--warmup", "0", "--device", "cpu",
                  "--json", str(out)])
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "batch size 2" in captured.err and "pass" in captured.err  # a progress bar while it measures
     assert "threads" in printed and "torch" in printed and "timm" in printed and "batch size 4" in printed
     report = json.loads(out.read_text())
     assert report["environment"]["device"] == "cpu"
@@ -122,3 +124,9 @@ def test_bench_and_eval_synchronise_and_set_their_device(module, monkeypatch):
         target.evaluate_many({"m": tiny_vit()}, (torch.randn(2, 3, 32, 32), torch.tensor([0, 1])), batch_size=2,
                              device="cpu", progress=False)
     assert calls == [("sync", torch.device("cpu")), ("scope", torch.device("cpu"))]
+
+
+def test_bench_cli_rejects_zero_threads(capsys):
+    assert main(["bench", "--model", "deit_mini_patch4_28", "--threads", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tpsvit bench: error: --threads 0 must be >= 1 (or leave it out for torch's default)"

@@ -126,8 +126,11 @@ def _check_counts(batch_size: int, runs: int, warmup: int, repeats: int) -> None
 
 def benchmark_interleaved(models: Mapping[str, nn.Module], batch_size: int = 64, img_size=None, device=None,
                           runs: int = 10, warmup: int = 3, repeats: int = 3, amp=None,
-                          in_chans: int | None = None) -> dict[str, dict]:
+                          in_chans: int | None = None, progress: bool = False,
+                          desc: str = "bench") -> dict[str, dict]:
     """Time several models on the same random input, interleaved: ``repeats`` rounds of ``runs`` passes each.
+
+    ``progress=True`` shows a progress bar on stderr (one tick per pass, the model being timed as its postfix).
 
     Every model first runs ``warmup`` untimed passes. Models are moved to ``device`` (default: where the first one
     is) and put in eval mode for the measurement (their train/eval mode is restored). Returns, per name, the dict
@@ -160,15 +163,33 @@ def benchmark_interleaved(models: Mapping[str, nn.Module], batch_size: int = 64,
 
     for model in models.values():
         model.to(device).eval()  # outside inference mode: moved parameters stay usable for training
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(models) * (warmup + repeats * runs), desc=desc, unit="pass", file=sys.stderr,
+                   dynamic_ncols=True, leave=False)
+
+    def tick(name: str, count: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(count)
+
     try:
         with device_scope(device), torch.inference_mode():
-            for model in models.values():
+            for name, model in models.items():
                 for _ in range(warmup):
                     timed(model)
+                tick(f"{name} (warm-up)", warmup)
             for _ in range(repeats):
                 for name, model in models.items():
                     times[name] += [timed(model) for _ in range(runs)]
+                    tick(name, runs)
     finally:
+        if bar is not None:
+            bar.close()
         for name, model in models.items():
             model.train(modes[name])
     results = {}

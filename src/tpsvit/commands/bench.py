@@ -18,6 +18,7 @@ from tpsvit.commands.flops import (
     make_variant,
     variants_from_args,
 )
+from tpsvit.errors import InvalidArgumentError
 from tpsvit.evaluation import format_table, write_json
 from tpsvit.flops import gmacs
 
@@ -43,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--runs", type=int, default=10, help="timed passes per model per round (default: 10)")
     group.add_argument("--warmup", type=int, default=3, help="untimed passes per model first (default: 3)")
     group.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all models (default: 3)")
-    group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    group.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="save the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one per batch size)")
 
 
 def compare_speed(models: dict, gmacs_of: dict, batch_size: int, **timing) -> list[dict]:
@@ -64,7 +66,9 @@ def compare_speed(models: dict, gmacs_of: dict, batch_size: int, **timing) -> li
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidArgumentError(f"--threads {args.threads} must be >= 1 (or leave it out for torch's default)")
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(args)
@@ -73,15 +77,16 @@ def run(args: argparse.Namespace) -> int:
     gmacs_of = {label: gmacs(m, args.img_size) for label, m in models.items()}
     env = environment(device, args.amp)
     name = args.model or (args.checkpoint and f"checkpoint {args.checkpoint}") or "deit_small_patch16_224"
-    print(f"{name} | {format_environment(env)}")
+    print(f"{name} | {format_environment(env)}", flush=True)
     print(f"{args.runs} timed runs x {args.repeats} interleaved rounds per model, {args.warmup} warm-up runs; "
-          "speed-up and GMACs ratio relative to the unpatched model")
+          "speed-up and GMACs ratio relative to the unpatched model", flush=True)
     tables = []
     for batch_size in args.batch_size:
         rows = compare_speed(models, gmacs_of, batch_size, img_size=args.img_size, device=device, runs=args.runs,
-                             warmup=args.warmup, repeats=args.repeats, amp=args.amp)
-        print(f"\nbatch size {batch_size}")
-        print(format_table(rows, COLUMNS))
+                             warmup=args.warmup, repeats=args.repeats, amp=args.amp,
+                             progress=not args.no_progress, desc=f"batch size {batch_size}")
+        print(f"\nbatch size {batch_size}", flush=True)
+        print(format_table(rows, COLUMNS), flush=True)
         tables.append({"batch_size": batch_size, "rows": rows})
     if args.json:
         write_json({"model": name, "environment": env, "variants": [v.as_dict() for v in variants],
