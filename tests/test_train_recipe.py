@@ -138,3 +138,30 @@ def test_predictor_starts_as_the_release_init():
     assert 0.015 < float(linears[0].weight.detach().std()) < 0.025
     keep = predictor(torch.randn(4, 49, 192))[..., 0].exp()
     assert float((keep - 0.5).abs().max()) < 0.02  # keep probability ~0.5 for every token
+
+
+def test_finetune_recipes_start_from_the_shipped_model(tmp_path):
+    from fmnist_files import write_fashion_mnist
+
+    from tpsvit.assets import ASSETS, demo_checkpoint
+    from tpsvit.errors import CheckpointError
+    from tpsvit.train import train
+    from tpsvit.train.modeling import start_checkpoint
+
+    fmnist = resolve("fmnist-finetune", {})
+    assert fmnist.checkpoint == "shipped"
+    assert start_checkpoint(fmnist) == str(demo_checkpoint(None, "fashion-mnist"))
+    cluttered = resolve("cluttered-finetune", {})
+    if (ASSETS / "mini_deit_cluttered.safetensors").is_file():
+        assert start_checkpoint(cluttered) == str(ASSETS / "mini_deit_cluttered.safetensors")
+    else:
+        with pytest.raises(CheckpointError, match="mini_deit_cluttered.safetensors is missing"):
+            start_checkpoint(cluttered)
+    assert start_checkpoint(resolve("fmnist-finetune", {"checkpoint": "mine.safetensors"})) == "mine.safetensors"
+    with pytest.raises(InvalidArgumentError, match="'shipped' is the shipped deit_mini_patch4_28"):
+        start_checkpoint(resolve("fmnist-finetune", {"model": "vit_tiny_patch16_224"}))
+
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=32, n_test=8)
+    results = train({"recipe": "fmnist-finetune", "data": str(data), "out": str(tmp_path / "run"), "epochs": 1,
+                     "batch_size": 16, "steps_per_epoch": 1, "threads": 1})
+    assert results["global_step"] == 1 and results["model"].tps.method == "dtps"

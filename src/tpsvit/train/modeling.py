@@ -42,17 +42,36 @@ def _warn(notes: list, message: str) -> None:
     notes.append(message)
 
 
+SHIPPED = "shipped"  # checkpoint value: the base model shipped with tpsvit for the recipe's mini-DeiT
+
+
+def start_checkpoint(cfg) -> str | None:
+    """The starting checkpoint file of ``cfg``: ``checkpoint: shipped`` is the shipped base model of the mini-DeiT's
+    dataset (``tpsvit.assets.demo_checkpoint``), anything else is taken as given."""
+    if cfg.checkpoint != SHIPPED:
+        return cfg.checkpoint
+    from tpsvit.assets import demo_checkpoint
+    from tpsvit.models import MINI_DEIT, MINI_DEIT_CLUTTERED
+
+    data = {MINI_DEIT: "fashion-mnist", MINI_DEIT_CLUTTERED: "fashion-mnist-cluttered"}.get(cfg.model)
+    if data is None:
+        raise InvalidArgumentError(f"checkpoint {SHIPPED!r} is the shipped {MINI_DEIT} or {MINI_DEIT_CLUTTERED}, not "
+                                   f"{cfg.model!r}; pass --checkpoint FILE (or --set checkpoint=null for hub weights)")
+    return str(demo_checkpoint(None, data))
+
+
 def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, bool]:
-    """(model, rebuild kwargs, trained?) from a checkpoint or a timm name."""
+    """(model, rebuild kwargs, trained?) from a checkpoint (see :func:`start_checkpoint`) or a timm name."""
     kwargs = dict(cfg.model_kwargs)
     train_only = {"drop_path_rate": cfg.drop_path} if "drop_path_rate" not in kwargs else {}
-    if cfg.checkpoint is not None:
-        meta = checkpoint_metadata(cfg.checkpoint)
+    path = start_checkpoint(cfg)
+    if path is not None:
+        meta = checkpoint_metadata(path)
         recorded = meta.get("model")
         if recorded and recorded != cfg.model:
-            raise CheckpointError(f"checkpoint {cfg.checkpoint!r} is a {recorded!r} but model is {cfg.model!r}; "
+            raise CheckpointError(f"checkpoint {path!r} is a {recorded!r} but model is {cfg.model!r}; "
                                   f"set model={recorded} or give a checkpoint of {cfg.model}")
-        model = load_model(cfg.model, cfg.checkpoint, **kwargs, **train_only)
+        model = load_model(cfg.model, path, **kwargs, **train_only)
         kwargs = {**meta.get("model_kwargs", {}), **kwargs}
         if model.num_classes != num_classes:
             _warn(notes, f"checkpoint head has {model.num_classes} classes, the data {num_classes}: new head")
