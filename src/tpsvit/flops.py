@@ -95,16 +95,13 @@ def _img_hw(img_size) -> tuple[int, int]:
 
 
 def vit_shape(model: nn.Module, img_size=None) -> ViTShape:
-    """Read the shape of a timm VisionTransformer (works on the ``meta`` device: no forward pass).
+    """Read the shape of a timm VisionTransformer or Eva (works on the ``meta`` device: no forward pass).
 
     ``img_size`` (int or (H, W)) overrides the model's input size; default: the size the model was built for.
     """
-    from timm.models.vision_transformer import VisionTransformer
+    from tpsvit.families import family_of
 
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not a timm VisionTransformer; GMACs are modelled for ViT/DeiT-style models"
-        )
+    family = family_of(model)  # timm VisionTransformer or Eva, else an error saying why
     if getattr(model, "attn_pool", None) is not None:
         raise UnsupportedModelError("GMACs of attention-pool heads (global_pool='map') are not modelled")
     embed = model.patch_embed
@@ -117,7 +114,7 @@ def vit_shape(model: nn.Module, img_size=None) -> ViTShape:
         raise InvalidArgumentError(f"img_size {(h, w)} is smaller than one {ph}x{pw} patch")
     num_patches = ((h - proj.kernel_size[0]) // ph + 1) * ((w - proj.kernel_size[1]) // pw + 1)
     kernel = proj.in_channels // proj.groups * proj.kernel_size[0] * proj.kernel_size[1]
-    blocks = list(model.blocks)
+    blocks = family.blocks(model)
     attn = blocks[0].attn
     dim = int(model.embed_dim)
     half, quarter = dim // 2, dim // 4
@@ -126,7 +123,7 @@ def vit_shape(model: nn.Module, img_size=None) -> ViTShape:
         embed_dim=dim,
         num_heads=int(attn.num_heads),
         head_dim=int(attn.head_dim),
-        num_prefix_tokens=int(model.num_prefix_tokens),
+        num_prefix_tokens=family.num_prefix_tokens(model),
         num_patches=num_patches,
         embed_macs=num_patches * kernel * proj.out_channels,
         attn_linear_macs=tuple(_linear_macs(b.attn) for b in blocks),

@@ -1,9 +1,11 @@
-"""timm integration: patch a VisionTransformer in place with any registered method, and undo it.
+"""timm integration: patch a ViT in place with any registered method, and undo it.
 
 The model's class and each block's class are swapped for thin subclasses (never copies of timm's code): the block
 subclass reduces tokens before its attention or between its attention and MLP; everything else (LayerScale, q/k norm,
-drop-path, prefix tokens, fused attention) is timm's own. Per-forward state (keep masks, ToMe sizes, the trace) lives
-on a small runtime object shared by the model and its blocks.
+drop-path, prefix tokens, fused attention, rotary embeddings) is timm's own. What differs between model families
+(timm VisionTransformer, timm Eva) sits behind the small adapter interface of :mod:`tpsvit.families`; this module is
+the family-free engine. Per-forward state (keep masks, ToMe sizes, grid positions, the trace) lives on a small
+runtime object shared by the model and its blocks.
 """
 
 from __future__ import annotations
@@ -17,16 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from tpsvit.config import DEFAULT_LOCATIONS, TPSConfig, make_config
-from tpsvit.errors import UnsupportedModelError
+from tpsvit.families import Family, family_of
 from tpsvit.methods import CLASS_FREE_SCORER, keep_count, tome_merge_count
 from tpsvit.reducers import Reduction, bipartite_merge, drop_reduce, fuse_one_reduce, squeeze_reduce
 from tpsvit.scoring import (
     TokenPredictor,
     attention_received,
-    class_attention,
+    class_attention_qk,
     gumbel_keep,
-    masked_class_attention,
-    mean_keys,
     random_scores,
     split_qkv,
     top_k_mask,
@@ -48,7 +48,8 @@ class ForwardState:
         decisions: per location, the (B, N_patches) keep mask after it (masked path; straight-through gradients).
         size: (B, N_tokens, 1) original tokens each token stands for (ToMe), else None.
         positions: (B, N_patch_tokens) original grid index of each current patch token (-1: EViT's fused token)
-            on the gather path, None before the first reduction.
+            on the gather path, None before the first reduction. Per-token extras follow from it: an Eva block gathers
+            the rotary rows of these positions (:func:`tpsvit.families.gather_rope`).
         ranking: masked path with ``record_class_attention``: per location, (predictor keep log-probs (B, N, 2),
             the block's class attention over the alive tokens (B, N), the alive mask before it (B, N)).
     """
@@ -64,9 +65,10 @@ class ForwardState:
 class _Runtime:
     """Shared by a patched model and its blocks: the config, the trace and the current forward state."""
 
-    def __init__(self, config: TPSConfig, grid_size):
+    def __init__(self, config: TPSConfig, grid_size, family: Family):
         self.config = config
         self.grid_size = grid_size
+        self.family = family
         self.state: ForwardState | None = None
         self.trace: Trace | None = None
         self.force_masked = False  # tests: run the masked path with top-k decisions in eval mode
@@ -79,38 +81,26 @@ class _Runtime:
         if self.trace is not None:
             self.trace.reset(self.config.method, self.config.num_prefix_tokens, self.grid_size, masked)
 
+    def ensure_state(self, module: nn.Module) -> ForwardState:
+        """The current forward state (a block called on its own starts one)."""
+        if self.state is None:
+            self.begin(module)
+        return self.state
 
-# --------------------------------------------------------------------------------------------------- block mixin
+    def attend(self, block: nn.Module, x: Tensor, extras: dict, attn_mask=None, is_causal: bool = False) -> Tensor:
+        """The block's attention on ``x`` (after norm1) under the current state: masked, size-biased or plain."""
+        state = self.state
+        if (attn_mask is not None or is_causal) and (state.policy is not None or state.size is not None):
+            raise ValueError("attn_mask / is_causal are not supported by a patched model once tokens are reduced")
+        if state.policy is not None:
+            return self.family.masked_attention(block, x, state.policy, extras)
+        if state.size is not None:
+            return self.family.attention(block, x, extras, _size_bias(state.size, x.dtype), False)
+        return self.family.attention(block, x, extras, attn_mask, is_causal)
 
-
-class _TPSBlock:
-    """Mixed into a timm ``Block``: reduce tokens at this block's location, else behave exactly as the block."""
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        runtime: _Runtime = self._tps_runtime
-        if runtime.state is None:
-            runtime.begin(self)
-        placement = self._tps_placement
-        if placement == "before":
-            x = _reduce(self, x, runtime)
-        x = x + self.drop_path1(self.ls1(_attend(self.attn, self.norm1(x), runtime.state, attn_mask, is_causal)))
-        if placement == "inside":
-            x = _reduce(self, x, runtime)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def _capture_qkv(module: nn.Module, args, output: Tensor) -> None:
-    module._tps_qkv = output  # read (and released) by _reduce of the same block
-
-
-def _attend(attn: nn.Module, x: Tensor, state: ForwardState, attn_mask, is_causal) -> Tensor:
-    if (attn_mask is not None or is_causal) and (state.policy is not None or state.size is not None):
-        raise ValueError("attn_mask / is_causal are not supported by a patched model once tokens are reduced")
-    if state.policy is not None:
-        return masked_attention(attn, x, state.policy)
-    if state.size is not None:
-        return attn(x, attn_mask=_size_bias(state.size, x.dtype))
-    return attn(x, attn_mask=attn_mask, is_causal=is_causal)
+    def reduce(self, block: nn.Module, x: Tensor, extras: dict) -> Tensor:
+        """The reduction step of ``block`` (a no-op away from its locations)."""
+        return _reduce(block, x, self, extras)
 
 
 def _size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
@@ -146,14 +136,14 @@ def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- reduction step
 
 
-def _reduce(block: nn.Module, x: Tensor, runtime: _Runtime) -> Tensor:
+def _reduce(block: nn.Module, x: Tensor, runtime: _Runtime, extras: dict) -> Tensor:
     config, state = runtime.config, runtime.state
-    qkv = block.attn.qkv.__dict__.pop("_tps_qkv", None)
+    capture = runtime.family.take_capture(block)
     reduction = config.reduction_at(block._tps_index)
     if reduction is None:
         return x
     if state.masked:
-        return _reduce_masked(block, x, runtime, reduction)
+        return _reduce_masked(block, x, runtime, reduction, extras)
     prefix_len = config.num_prefix_tokens
     prefix, patches = x[:, :prefix_len], x[:, prefix_len:]
     batch, n = patches.shape[:2]
@@ -163,13 +153,14 @@ def _reduce(block: nn.Module, x: Tensor, runtime: _Runtime) -> Tensor:
         r = tome_merge_count(n, **reduction)
         if r == 0:
             return x
-        result = bipartite_merge(x, mean_keys(block.attn, qkv), state.size, r, prefix_len)
+        keys = runtime.family.query_key(block, capture, extras)[1]
+        result = bipartite_merge(x, keys.mean(dim=1), state.size, r, prefix_len)
         state.size = torch.cat([x.new_ones(batch, prefix_len, 1), result.size], dim=1)
     else:
         k = keep_count(n, reduction["keep_rate"])
         if k >= n:
             return x
-        scores = _scores(block, patches, qkv, state, runtime)
+        scores = _scores(block, patches, capture, extras, state, runtime)
         kept, pruned = top_k_split(scores, k)
         if spec.reducer == "squeeze":
             result = squeeze_reduce(patches, kept, pruned, config.temperature)
@@ -181,17 +172,17 @@ def _reduce(block: nn.Module, x: Tensor, runtime: _Runtime) -> Tensor:
     return torch.cat([prefix, result.tokens], dim=1)
 
 
-def _scores(block: nn.Module, patches: Tensor, qkv: Tensor | None, state: ForwardState, runtime: _Runtime) -> Tensor:
+def _scores(block: nn.Module, patches: Tensor, capture, extras: dict, state: ForwardState, runtime: _Runtime) -> Tensor:
     config = runtime.config
     if config.scorer == "random":
         return random_scores(patches.shape[:2], patches.device)
     if config.spec.scorer == "predictor":
         return block._tps_predictor(patches)[..., 0]
-    bias = _size_bias(state.size, qkv.dtype) if state.size is not None else None
+    q, k = runtime.family.query_key(block, capture, extras)
+    bias = _size_bias(state.size, k.dtype) if state.size is not None else None
     if config.scorer == CLASS_FREE_SCORER:
-        q, k, _ = split_qkv(block.attn, qkv)
         return attention_received(q, k, block.attn.scale, config.num_prefix_tokens, bias)
-    return class_attention(block.attn, qkv, config.num_prefix_tokens, bias)
+    return class_attention_qk(q, k, block.attn.scale, config.num_prefix_tokens, bias)
 
 
 def _track(block, state: ForwardState, runtime: _Runtime, result: Reduction, scores, n: int) -> None:
@@ -221,7 +212,7 @@ def _track(block, state: ForwardState, runtime: _Runtime, result: Reduction, sco
         )
 
 
-def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: dict) -> Tensor:
+def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: dict, extras: dict) -> Tensor:
     """Full-length path: decide keep masks (Gumbel in training, else top-k), squeeze by mask, carry the policy."""
     config, state = runtime.config, runtime.state
     prefix_len = config.num_prefix_tokens
@@ -238,7 +229,10 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: di
             keep = top_k_mask(log_probs[..., 0], prev, reduction["keep_rate"])
         if runtime.record_class_attention:
             with torch.no_grad():
-                target = masked_class_attention(block.attn, block.norm1(x), prev, prefix_len)
+                q, k = runtime.family.fresh_query_key(block, block.norm1(x), extras)
+                alive = torch.cat([prev.new_ones(batch, prefix_len), prev], dim=1)
+                bias = torch.zeros_like(alive).masked_fill(alive <= 0, float("-inf"))[:, None, None, :]
+                target = class_attention_qk(q, k, block.attn.scale, prefix_len, bias)
             state.ranking.append((log_probs, target, prev))
     if config.spec.reducer == "squeeze":
         patches = squeeze_masked(patches, keep, prev, config.temperature)
@@ -251,7 +245,8 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: di
 
 
 class _TPSModel:
-    """Mixed into a timm ``VisionTransformer``: starts a fresh forward state per pass; exposes ``model.tps``."""
+    """Mixed into the model (timm ``VisionTransformer`` or ``Eva``): starts a fresh forward state per pass; exposes
+    ``model.tps``; pools only the kept tokens on the masked path."""
 
     @property
     def tps(self) -> TPSConfig:
@@ -308,10 +303,11 @@ def patch(
     scorer: str = "default",
     fuse: str = "sum",
 ) -> nn.Module:
-    """Patch a timm VisionTransformer in place with a token-reduction method; returns the model.
+    """Patch a timm VisionTransformer or Eva in place with a token-reduction method; returns the model.
 
     Args:
-        model: a timm ``VisionTransformer`` (DeiT, ViT, DeiT-III, distilled DeiT, register-token ViTs, ...).
+        model: a timm ``VisionTransformer`` (DeiT, ViT, DeiT-III, distilled DeiT, register-token ViTs, CLIP, SigLIP,
+            ...) or a timm ``Eva`` (EVA-02, DINOv3, Perception Encoder, RoPE ViTs: rotary angles follow the tokens).
         method: ``"etps"``, ``"dtps"`` (TPS) or a baseline: ``"evit"``, ``"dynamicvit"``, ``"tome"``.
         keep_rate: keep rate in (0, 1], one for all locations or one per location, relative to the patch tokens
             alive at that location (kept = ceil(keep_rate * n)). The DynamicViT / TPS releases count from the initial
@@ -329,11 +325,11 @@ def patch(
 
     Re-patching a patched model unpatches it first; learned predictors at locations that stay are kept.
     """
-    _check_model(model)
-    class_token = getattr(model, "cls_token", None) is not None
+    family = family_of(model)
+    blocks = family.blocks(model)
     config = make_config(
-        method, len(model.blocks), int(model.num_prefix_tokens), keep_rate, locations, r, temperature, scorer, fuse,
-        class_token=class_token,
+        method, len(blocks), family.num_prefix_tokens(model), keep_rate, locations, r, temperature, scorer, fuse,
+        class_token=family.has_class_token(model),
     )
     if scorer == "default" and config.scorer == CLASS_FREE_SCORER:
         warnings.warn(
@@ -343,22 +339,22 @@ def patch(
         )
     previous = getattr(model, PREDICTORS, None) if is_patched(model) else None
     unpatch(model)  # only once the new patch is known to be valid: a bad call leaves the model as it was
-    runtime = _Runtime(config, _grid_size(model))
+    runtime = _Runtime(config, family.grid_size(model), family)
     predictors = _make_predictors(model, config, previous)
     model.__class__ = _subclass(type(model), _TPSModel)
     model._tps_runtime = runtime
     if predictors is not None:
         setattr(model, PREDICTORS, predictors)
     captures = config.spec.scorer in ("cls_attention", "matching") and config.scorer in ("default", CLASS_FREE_SCORER)
-    for index, block in enumerate(model.blocks):
-        block.__class__ = _subclass(type(block), _TPSBlock)
+    for index, block in enumerate(blocks):
+        block.__class__ = _subclass(type(block), family.block_mixin)
         block._tps_runtime = runtime
         block._tps_index = index
         block._tps_placement = config.spec.placement if index in config.locations else None
         if predictors is not None and index in config.locations:
             object.__setattr__(block, "_tps_predictor", predictors[str(index)])  # not registered: no duplicate keys
         if captures and index in config.locations:
-            block.attn.qkv.register_forward_hook(_capture_qkv)
+            family.install(block)
     return model
 
 
@@ -366,14 +362,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock timm model in place (classes, state_dict keys); learned predictors are removed."""
     if not is_patched(model):
         return model
-    for block in model.blocks:
+    family = model._tps_runtime.family
+    for block in family.blocks(model):
         block.__class__ = block._tps_base
         for name in ("_tps_runtime", "_tps_index", "_tps_placement", "_tps_predictor"):
             block.__dict__.pop(name, None)
-        hooks = block.attn.qkv._forward_hooks
-        for key in [k for k, fn in hooks.items() if fn is _capture_qkv]:
-            del hooks[key]
-        block.attn.qkv.__dict__.pop("_tps_qkv", None)
+        family.uninstall(block)
     if PREDICTORS in model._modules:
         del model._modules[PREDICTORS]
     del model._tps_runtime
@@ -429,11 +423,6 @@ def _runtime(model: nn.Module) -> _Runtime:
     return model._tps_runtime
 
 
-def _grid_size(model: nn.Module):
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    return tuple(int(g) for g in grid) if grid is not None else None
-
-
 def _make_predictors(model: nn.Module, config: TPSConfig, previous: nn.ModuleDict | None) -> nn.ModuleDict | None:
     if not config.spec.learned:
         return None
@@ -444,27 +433,3 @@ def _make_predictors(model: nn.Module, config: TPSConfig, previous: nn.ModuleDic
         old = previous[str(loc)] if previous is not None and str(loc) in previous else None
         predictors[str(loc)] = old if old is not None else TokenPredictor(dim).to(reference.device, reference.dtype)
     return predictors
-
-
-def _check_model(model) -> None:
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not a timm VisionTransformer (ViT, DeiT, DeiT-III, distilled DeiT, "
-            "register-token ViTs); tpsvit cannot patch it"
-        )
-    for index, block in enumerate(model.blocks):
-        base = getattr(type(block), "_tps_base", type(block))
-        if not issubclass(base, Block) or base.forward is not Block.forward:
-            raise UnsupportedModelError(
-                f"block {index} is a {base.__name__}; tpsvit supports timm's pre-norm Block (not parallel or "
-                "post-norm blocks)"
-            )
-        if not isinstance(block.attn, Attention):
-            raise UnsupportedModelError(
-                f"block {index} uses {type(block.attn).__name__}; tpsvit supports timm's Attention (no RoPE variants)"
-            )
