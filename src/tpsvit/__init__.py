@@ -1,8 +1,13 @@
-"""tpsvit: Joint Token Pruning & Squeezing (TPS, CVPR 2023) and token-reduction baselines for timm ViTs."""
+"""tpsvit: Joint Token Pruning & Squeezing (TPS, CVPR 2023) and token-reduction baselines for timm ViTs.
 
-import tpsvit.models  # noqa: F401  (registers the demo ViTs with timm)
-from tpsvit.bench import benchmark
-from tpsvit.config import TPSConfig
+The public API is imported on first use (``tpsvit.patch``, ``tpsvit.gmacs``, ...), so that ``import tpsvit.cli`` and
+``tpsvit --help`` do not pay for importing torch and timm. The demo ViTs are registered with timm at import when timm
+is already imported (``import timm, tpsvit``), else when the API is first used.
+"""
+
+import sys
+import types
+
 from tpsvit.errors import (
     CheckpointError,
     DatasetError,
@@ -12,31 +17,77 @@ from tpsvit.errors import (
     TPSError,
     UnsupportedModelError,
 )
-from tpsvit.flops import gmacs
-from tpsvit.methods import METHODS
-from tpsvit.patch import ForwardState, forward_state, is_patched, patch, set_keep_rate, tracing, unpatch
-from tpsvit.plan import Schedule, plan
-from tpsvit.squeeze import squeeze, squeeze_masked
-from tpsvit.trace import LocationTrace, Trace, restore
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it (imported together on first use of any of them)
+_API = {
+    "benchmark": "tpsvit.bench",
+    "TPSConfig": "tpsvit.config",
+    "gmacs": "tpsvit.flops",
+    "METHODS": "tpsvit.methods",
+    "ForwardState": "tpsvit.patch",
+    "forward_state": "tpsvit.patch",
+    "is_patched": "tpsvit.patch",
+    "patch": "tpsvit.patch",
+    "set_keep_rate": "tpsvit.patch",
+    "tracing": "tpsvit.patch",
+    "unpatch": "tpsvit.patch",
+    "Schedule": "tpsvit.plan",
+    "plan": "tpsvit.plan",
+    "squeeze": "tpsvit.squeeze",
+    "squeeze_masked": "tpsvit.squeeze",
+    "LocationTrace": "tpsvit.trace",
+    "Trace": "tpsvit.trace",
+    "restore": "tpsvit.trace",
+}
+# imported only when asked for: matplotlib for token maps, onnx for export
+_ON_DEMAND = {"visualize": "tpsvit.viz", "export_onnx": "tpsvit.export", "load_model": "tpsvit.loading"}
+_loading = False
 
-def __getattr__(name: str):
-    # matplotlib is imported only when token maps are asked for, onnx only when exporting
-    if name == "visualize":
-        from tpsvit.viz import visualize
 
-        return visualize
-    if name == "load_model":
-        from tpsvit.loading import load_model
+def _load_api() -> None:
+    """Import the API modules and bind their names here. Binding after the imports matters: the functions
+    ``patch``, ``plan`` and ``squeeze`` share their names with submodules, which an import would bind instead."""
+    global _loading
+    if _loading:
+        return
+    _loading = True
+    try:
+        import importlib
 
-        return load_model
-    if name == "export_onnx":
-        from tpsvit.export import export_onnx
+        import tpsvit.models  # noqa: F401  (registers the demo ViTs with timm)
 
-        return export_onnx
-    raise AttributeError(f"module 'tpsvit' has no attribute {name!r}")
+        modules = {name: importlib.import_module(name) for name in set(_API.values())}
+        package = sys.modules[__name__]
+        for attr, module in _API.items():
+            package.__dict__[attr] = getattr(modules[module], attr)
+    finally:
+        _loading = False
+
+
+class _Package(types.ModuleType):
+    def __getattribute__(self, name: str):
+        if name in _API:
+            value = super().__getattribute__("__dict__").get(name)
+            if value is None or isinstance(value, types.ModuleType):
+                _load_api()
+        return super().__getattribute__(name)
+
+    def __getattr__(self, name: str):
+        if name in _ON_DEMAND:
+            import importlib
+
+            return getattr(importlib.import_module(_ON_DEMAND[name]), name)
+        raise AttributeError(f"module 'tpsvit' has no attribute {name!r}")
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(__all__))
+
+
+sys.modules[__name__].__class__ = _Package
+if "timm" in sys.modules:
+    _load_api()
 
 
 __all__ = [

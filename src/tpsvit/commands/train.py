@@ -63,14 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--epochs", type=int, default=S, metavar="N")
     run.add_argument("--seed", type=int, default=S)
     run.add_argument("--resume", action="store_true", default=S,
-                     help="continue from OUT/last.pt exactly (mid-epoch too); starts fresh when there is none")
+                     help="continue from OUT/last.pt exactly (mid-epoch too); with no last.pt it starts fresh in a "
+                          "new or empty OUT (with a warning) and fails in a folder holding other files")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any recipe key (YAML value), repeatable; e.g. --set model_kwargs='{depth: 4}'")
     run.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     run.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=S, metavar="NAME", help="timm model name")
-    model.add_argument("--checkpoint", default=S, metavar="FILE", help="starting weights (tpsvit safetensors, torch)")
+    model.add_argument("--checkpoint", default=S, metavar="FILE", help="starting weights (tpsvit safetensors, torch); 'shipped': the base model shipped for "
+                            "the mini-DeiT's dataset")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=S,
                        help="start from timm's pretrained weights")
     model.add_argument("--teacher", default=S, metavar="auto|none|FILE",
@@ -124,6 +126,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "about a third more compute")
     engine.add_argument("--save-every-steps", type=int, default=S, metavar="N", help="also checkpoint every N steps")
     engine.add_argument("--eval-every", type=int, default=S, metavar="N", help="evaluate every N epochs")
+    _add_recipe_defaults(parser)
+
+
+def _add_recipe_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each recipe-backed option's default to its help: the recipe's value (shown for the default recipe)."""
+    from tpsvit.train.recipe import TrainConfig, load_recipe
+
+    values = {**TrainConfig().to_dict(), **load_recipe(DEFAULT_RECIPE)}
+    for action in parser._actions:
+        key = FLAG_KEYS.get(action.dest)
+        if key is None or key == "resume" or "default" in (action.help or ""):
+            continue
+        value = values.get(key)
+        shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+        note = f"default: from the recipe; {DEFAULT_RECIPE}: {shown}".replace("%", "%%")
+        action.help = f"{action.help} ({note})" if action.help else note
 
 
 def _overrides(args: argparse.Namespace) -> dict:

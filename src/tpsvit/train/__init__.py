@@ -7,7 +7,16 @@
 :mod:`tpsvit.train.recipe`).
 """
 
-from tpsvit.train.engine import train
 from tpsvit.train.recipe import TrainConfig, load_recipe, recipe_names, resolve, valid_keys
+
+
+def __getattr__(name: str):
+    # the engine (torch, timm) is imported on first use, so that `tpsvit train --help` stays fast
+    if name == "train":
+        from tpsvit.train.engine import train
+
+        return train
+    raise AttributeError(f"module 'tpsvit.train' has no attribute {name!r}")
+
 
 __all__ = ["TrainConfig", "load_recipe", "recipe_names", "resolve", "train", "valid_keys"]

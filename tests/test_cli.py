@@ -1,0 +1,58 @@
+"""The `tpsvit` command's start-up: --version, and --help without importing torch or timm."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+HEAVY = "[m for m in ('torch', 'timm') if m in sys.modules]"
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_version():
+    done = subprocess.run([sys.executable, "-m", "tpsvit.cli", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    try:
+        expected = metadata.version("tpsvit")
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        import tpsvit
+
+        expected = tpsvit.__version__
+    assert done.returncode == 0 and done.stdout.strip() == f"tpsvit {expected}"
+
+
+def test_importing_the_cli_does_not_import_torch():
+    done = python(f"import sys, tpsvit.cli; print({HEAVY})")
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"]])
+def test_help_does_not_import_torch(argv):
+    code = (f"import sys\nfrom tpsvit.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
+            f"    assert e.code == 0, e.code\nprint('HEAVY', {HEAVY})")
+    done = python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+    if argv == ["--help"]:
+        assert "Top-1/top-5 accuracy" in done.stdout  # commands listed from their docstrings
+
+
+def test_public_api_loads_on_first_use():
+    done = python("import tpsvit, timm\nprint(callable(tpsvit.patch), callable(tpsvit.plan), callable(tpsvit.squeeze),"
+                  " timm.is_model('deit_mini_patch4_28'))")
+    assert done.returncode == 0 and done.stdout.split() == ["True"] * 4, done.stderr
+
+
+def test_train_help_states_the_recipe_defaults(capsys):
+    from tpsvit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--epochs N default: from the recipe; imagenet-dtps: 30" in out
