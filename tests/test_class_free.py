@@ -98,3 +98,18 @@ def test_flops_count_the_scorer(method):
     blocks = gmacs_per_block(model)["blocks"]
     assert blocks[1]["scorer"] == 65 * 65 * 48
     assert tpsvit.gmacs(model) < tpsvit.gmacs(tpsvit.unpatch(model))
+
+
+@pytest.mark.parametrize("method", ["etps", "evit", "tome"])
+def test_siglip_style_model(method, images):
+    """SigLIP-style: no class token, attention-pool (map) head; runs and its GMACs match the flop counter."""
+    model = tiny_vit(class_token=False, global_pool="map", no_embed_class=True)
+    reference = model(images)
+    if method == "tome":
+        tpsvit.patch(model, method, keep_rate=0.5, locations=(1, 3))
+    else:
+        with pytest.warns(UserWarning, match="no class token"):
+            tpsvit.patch(model, method, keep_rate=0.5, locations=(1, 3))
+    with torch.no_grad():
+        assert model(images).shape == reference.shape
+    assert tpsvit.gmacs(model) == pytest.approx(counted_gmacs(model), rel=0.02)

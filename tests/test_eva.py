@@ -248,8 +248,7 @@ def test_real_model_definitions_patch_on_the_meta_device():
             model = timm.create_model(name)
         for method in ALL:
             tpsvit.patch(model, method, keep_rate=0.7)
-        if model.attn_pool is None:
-            assert 0 < tpsvit.gmacs(model) < tpsvit.gmacs(tpsvit.unpatch(model))
+        assert 0 < tpsvit.gmacs(model) < tpsvit.gmacs(tpsvit.unpatch(model))
         tpsvit.unpatch(model)
 
 
@@ -279,3 +278,13 @@ def test_refused_families_say_why_and_what_is_needed(name, pattern):
 def test_post_norm_eva_is_refused():
     with pytest.raises(TypeError, match="use_post_norm"):
         tpsvit.patch(tiny_eva("eva02", use_post_norm=True, scale_mlp=False), "etps")
+
+
+@pytest.mark.parametrize("method", [None, "etps", "dtps", "tome"])
+def test_gmacs_of_an_attention_pool_head_like_perception_encoder(method):
+    """PE-style: AttentionRope, rope, pre-transformer norm, attention-pool (map) head over the surviving tokens."""
+    model = tiny_eva("dinov3", attn_type="rope", global_pool="map", use_pre_transformer_norm=True, num_reg_tokens=0,
+                     attn_pool_num_heads=2)
+    if method is not None:
+        tpsvit.patch(model, method, keep_rate=0.5, locations=(1, 3))
+    assert tpsvit.gmacs(model) == pytest.approx(counted_gmacs(model), rel=0.02)

@@ -2,7 +2,8 @@
 
 What is counted (multiply-accumulates per image, the convention of the token-reduction literature):
 
-* the patch embedding (a convolution over every patch) and the classifier head(s) on the pooled token;
+* the patch embedding (a convolution over every patch) and the classifier head(s) on the pooled token; an
+  attention-pool head (``global_pool='map'``: SigLIP, Perception Encoder) on the tokens leaving the last block;
 * per block: the attention's linear layers (qkv, proj) on the tokens attention sees, the two attention products
   (``q @ k^T`` and ``attn @ v``, N^2 x heads x head_dim each) and the MLP's linear layers on the tokens the MLP sees;
 * per reduction step: the scorer (the class-token attention row ``q_cls @ K^T``: N x heads x head_dim; the
@@ -47,6 +48,8 @@ class ViTShape:
     mlp_macs: tuple[int, ...]  # per block: MLP linears, per token
     head_macs: int
     predictor_macs: int  # the dTPS / DynamicViT keep predictor, per patch token
+    pool_token_macs: int = 0  # attention-pool head (global_pool='map'): kv projection + its two products, per token
+    pool_fixed_macs: int = 0  # attention-pool head: latent query projection, output projection and MLP, per image
 
     @property
     def attn_dim(self) -> int:
@@ -102,8 +105,16 @@ def vit_shape(model: nn.Module, img_size=None) -> ViTShape:
     from tpsvit.families import family_of
 
     family = family_of(model)  # timm VisionTransformer or Eva, else an error saying why
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("GMACs of attention-pool heads (global_pool='map') are not modelled")
+    pool = getattr(model, "attn_pool", None)
+    pool_token_macs = pool_fixed_macs = 0
+    if pool is not None:
+        if getattr(pool, "pos_embed", None) is not None or not hasattr(pool, "kv"):
+            raise UnsupportedModelError(
+                f"GMACs of this attention-pool head ({type(pool).__name__}) are not modelled"
+            )
+        latent = int(pool.latent_len)
+        pool_token_macs = _linear_macs(pool.kv) + 2 * latent * int(pool.kv.in_features)
+        pool_fixed_macs = latent * (_linear_macs(pool.q) + _linear_macs(pool.proj) + _linear_macs(pool.mlp))
     embed = model.patch_embed
     proj = getattr(embed, "proj", None)
     if not isinstance(proj, nn.Conv2d):
@@ -130,6 +141,8 @@ def vit_shape(model: nn.Module, img_size=None) -> ViTShape:
         mlp_macs=tuple(_linear_macs(b.mlp) for b in blocks),
         head_macs=_linear_macs(getattr(model, "head", None)) + _linear_macs(getattr(model, "head_dist", None)),
         predictor_macs=dim * dim + dim * half + half * quarter + quarter * 2,
+        pool_token_macs=pool_token_macs,
+        pool_fixed_macs=pool_fixed_macs,
     )
 
 
@@ -193,7 +206,13 @@ def _reduction_macs(shape: ViTShape, config: TPSConfig, n: int, reduction: dict)
 
 def total_macs(shape: ViTShape, config: TPSConfig | None = None) -> int:
     """MACs of one image: patch embedding + every block + head."""
-    return shape.embed_macs + sum(b.total for b in block_macs(shape, config)) + shape.head_macs
+    blocks = block_macs(shape, config)
+    return shape.embed_macs + sum(b.total for b in blocks) + _head_macs(shape, blocks)
+
+
+def _head_macs(shape: ViTShape, blocks: list[BlockMACs]) -> int:
+    """Classifier head(s), plus an attention-pool head over the tokens that leave the last block."""
+    return shape.head_macs + shape.pool_fixed_macs + blocks[-1].tokens_mlp * shape.pool_token_macs
 
 
 def _config_of(model: nn.Module) -> TPSConfig | None:
@@ -216,11 +235,12 @@ def gmacs_per_block(model: nn.Module, img_size=None) -> dict:
     (``"gmacs"`` in G)."""
     shape = vit_shape(model, img_size)
     blocks = block_macs(shape, _config_of(model))
-    total = shape.embed_macs + sum(b.total for b in blocks) + shape.head_macs
+    head = _head_macs(shape, blocks)
+    total = shape.embed_macs + sum(b.total for b in blocks) + head
     return {
         "embed": shape.embed_macs,
         "blocks": [b.as_dict() for b in blocks],
-        "head": shape.head_macs,
+        "head": head,
         "total": total,
         "gmacs": total / 1e9,
     }
@@ -257,11 +277,18 @@ def counted_gmacs(model: nn.Module, img_size=None, in_chans: int | None = None, 
     x = torch.randn(batch_size, chans, h, w, device=reference.device, dtype=reference.dtype)
     was_training = model.training
     model.eval()
+    # parameters that require grad trip FlopCounterMode's module tracker on an expanded parameter (the latent query
+    # of attention-pool heads); nothing is differentiated here, so switch requires_grad off for the count
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
+        for param, _ in grads:
+            param.requires_grad_(False)
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
+        for param, flag in grads:
+            param.requires_grad_(flag)
     return counter.get_total_flops() / 2 / batch_size / 1e9
 
 
