@@ -105,3 +105,17 @@ def test_img_size_budget():
     assert shape.num_patches == 576
     rate = solve_keep_rate(DEIT_S, "etps", budget=0.5, img_size=384)
     assert schedule_gmacs(DEIT_S, "etps", rate, img_size=384) <= 0.5 * schedule_gmacs(shape)
+
+
+@pytest.mark.parametrize("model, method, budget", [
+    ("deit_small_patch16_224", "etps", 0.5), ("deit_small_patch16_224", "dtps", 0.49),
+    ("deit_mini_patch4_28", "evit", 0.7),
+])
+def test_solved_keep_rate_has_few_decimals_at_a_shared_boundary(model, method, budget):
+    """Where several locations step at the same rate (0.5, 5/7), the solver once returned float artefacts such as
+    0.50000000002; now the shortest decimal of a real schedule, still within the budget."""
+    from tpsvit.budget import schedule_gmacs, solve_keep_rate
+
+    rate = solve_keep_rate(model, method, budget=budget)
+    assert len(repr(rate)) <= 6, rate  # e.g. 0.5, 0.714
+    assert schedule_gmacs(model, method, rate) <= budget * schedule_gmacs(model) * (1 + 1e-12)

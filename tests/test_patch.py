@@ -327,3 +327,8 @@ def test_release_keep_rates_reproduce_the_release_counts():
         config = make_config("dynamicvit", 12, 1, release_keep_rates(ratio, 196), (3, 6, 9))
         seen = [attn for attn, _ in config.patch_tokens_per_block(196)]
         assert [seen[3], seen[6], seen[9]] == counts
+
+
+def test_keep_rate_string_is_named_whole():
+    with pytest.raises(ValueError, match=r"keep_rate must be a number in \(0, 1\] or a list of them, got 'abc'"):
+        tpsvit.patch(tiny_vit(), "etps", keep_rate="abc", locations=(1,))

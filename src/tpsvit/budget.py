@@ -102,12 +102,16 @@ def solve_keep_rate(model, method: str, budget: float | None = None, gmacs: floa
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
-    wanted = schedule(lo)
-    for digits in range(1, 10):
-        scale = 10**digits
-        for candidate in (math.ceil(lo * scale) / scale, math.floor(lo * scale) / scale):
-            if 0 < candidate <= 1 and schedule(candidate) == wanted and cost(candidate) <= target:
-                return candidate
+    # The rates giving one schedule form an interval between rationals of denominators <= the token counts, so a
+    # real one holds a decimal of at most 9 digits. A schedule that only a rate like 0.50000000002 gives is a
+    # float-rounding artefact at a boundary where several locations step together: take the schedule just below.
+    for rate in (lo, math.floor(lo * 10**9) / 10**9):
+        wanted = schedule(rate)
+        for digits in range(1, 10):
+            scale = 10**digits
+            for candidate in (math.ceil(rate * scale) / scale, math.floor(rate * scale) / scale):
+                if 0 < candidate <= 1 and schedule(candidate) == wanted and cost(candidate) <= target:
+                    return candidate
     return lo
 
 

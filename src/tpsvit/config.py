@@ -161,6 +161,8 @@ def _validate_locations(locations, depth: int) -> tuple[int, ...]:
 def _validate_keep_rate(keep_rate, locs: tuple[int, ...]) -> tuple[float, ...]:
     if isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool):
         rates = (float(keep_rate),) * len(locs)
+    elif isinstance(keep_rate, (str, bytes)):
+        raise InvalidArgumentError(f"keep_rate must be a number in (0, 1] or a list of them, got {keep_rate!r}")
     else:
         try:
             rates = tuple(keep_rate)
