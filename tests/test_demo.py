@@ -32,6 +32,14 @@ def test_demo_runs_on_the_shipped_models(tmp_path, capsys, data_name):
     assert f"tpsvit demo: {model} on {data_name or 'fashion-mnist-cluttered'} test (40 images)" in printed
 
 
+def test_demo_rejects_a_limit_beyond_the_test_set(tmp_path, capsys):
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=8)
+    assert main(["demo", "--data", "fashion-mnist", "--data-dir", str(data), "--limit", "20000",
+                 "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--limit 20000 is outside 1..8" in err[0]
+
+
 def test_demo_rejects_a_bad_budget(tmp_path, capsys):
     data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=8)
     assert main(["demo", "--data-dir", str(data), "--budgets", "1.5", "--out", str(tmp_path / "d")]) == 2

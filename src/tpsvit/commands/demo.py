@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "few schedule families at the same GMACs by top-1 on training images (tpsvit.plan)")
     parser.add_argument("--calib-images", type=int, default=1000, metavar="N",
                         help="--schedule auto: the first N training images calibrate (default: 1000)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's; on a small shared CPU, 1 is often faster)")
     parser.add_argument("--out", metavar="DIR", default="tpsvit-demo", help="output folder (default: ./tpsvit-demo)")
     parser.add_argument("--checkpoint", metavar="FILE", help="a base model other than the shipped one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,9 +82,17 @@ def _variants(base, methods, budgets, auto: bool = False, tuned=None, calib=None
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidArgumentError(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     base, base_meta, tuned, tuned_meta = _models(args)
     dataset = ClutteredFashionMNIST if args.data == "fashion-mnist-cluttered" else FashionMNIST
-    images, labels = dataset(root=args.data_dir, train=False, limit=args.limit).tensors()
+    images, labels = dataset(root=args.data_dir, train=False).tensors()
+    if args.limit is not None:
+        if not 1 <= args.limit <= len(labels):
+            raise InvalidArgumentError(f"--limit {args.limit} is outside 1..{len(labels)} (the test images)")
+        images, labels = images[: args.limit], labels[: args.limit]
     calib = None
     if args.schedule == "auto":
         if args.calib_images < 1:
