@@ -64,6 +64,27 @@ def test_largest_group_gets_the_first_colour():
     assert len({tuple(c) for c in colours}) == 6
 
 
+def test_every_host_of_a_196_token_grid_gets_its_own_colour():
+    groups = np.arange(196)
+    groups[1::2] = groups[0::2]  # 98 hosts, each with one pruned neighbour
+    colours = host_colours([groups], 196)
+    assert len({tuple(np.round(c, 6)) for c in colours}) == 196
+
+
+def test_host_links_only_on_small_grids_by_default():
+    from matplotlib.collections import LineCollection
+
+    def line_sets(model, img, **kw):
+        fig = visualize(model, img, **kw)[0]
+        return sum(isinstance(c, LineCollection) for ax in fig.axes for c in ax.collections)
+
+    small = tpsvit.patch(tiny_vit(), "etps", 0.5, (1,))  # 64 tokens: linked
+    big = tpsvit.patch(tiny_vit(img_size=56), "etps", 0.5, (1,))  # 196 tokens: colours only
+    assert line_sets(small, torch.randn(1, 3, 32, 32)) == 1
+    assert line_sets(big, torch.randn(1, 3, 56, 56)) == 0
+    assert line_sets(big, torch.randn(1, 3, 56, 56), links=True) == 1
+
+
 # --------------------------------------------------------------------------------------------- visualize
 
 

@@ -35,6 +35,7 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#17becf", "#e
 FUSED_COLOR = "#111111"
 DROPPED_GREY = 0.82
 PRUNED_TINT = 0.55  # share of the host's colour in a pruned patch
+MAX_LINKED_TOKENS = 64  # host links are drawn by default up to this many grid tokens
 HEADER_IN, FOOTER_IN = 0.55, 0.45  # sum is 1 inch  # inches above the panels (title) and below them (legend)
 METHOD_NAMES = {"etps": "eTPS", "dtps": "dTPS", "evit": "EViT", "dynamicvit": "DynamicViT", "tome": "ToMe"}
 VERBS = {"squeeze": "squeezed into", "merge": "merged into", "fuse_one": "fused", "drop": "dropped"}
@@ -97,6 +98,7 @@ def visualize(
     dpi: int = 100,
     max_columns: int = 5,
     batch_size: int = 16,
+    links: bool | None = None,
 ) -> list[Path] | list[Figure]:
     """Draw one token map per image: the input, then one panel per reduction location of the patched ``model``.
 
@@ -116,6 +118,8 @@ def visualize(
     Returns:
         The written paths, or the matplotlib figures when ``out_dir`` is None.
         batch_size: images run through the model at once.
+        links: join each pruned patch to its host by a line (default: only on grids of at most 64 tokens, where
+            the lines stay readable; on larger grids the host colours alone tell where a patch went).
     """
     if not is_patched(model):
         raise UnsupportedModelError("the model is not patched; call tpsvit.patch(model, method, ...) first")
@@ -129,6 +133,8 @@ def visualize(
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     if panel_size is None:
         panel_size = 2.5 if max(grid) <= 8 else 3.5
+    if links is None:
+        links = grid[0] * grid[1] <= MAX_LINKED_TOKENS
     class_names = class_names if class_names is not None else _default_class_names(model)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -142,7 +148,7 @@ def visualize(
             b = start + i
             title = _title(model, names[b], probs[i], None if labels is None else labels[b], class_names)
             fig = _draw(display[b], [(label, groups[i].numpy()) for label, groups in panels], grid,
-                        model.tps.spec.reducer, title, panel_size, dpi, max_columns)
+                        model.tps.spec.reducer, title, panel_size, dpi, max_columns, links)
             if out is None:
                 results.append(fig)
             else:
@@ -275,16 +281,26 @@ _PALETTE_RGB = np.stack([_rgb(c) for c in PALETTE])
 def host_colours(panel_groups: Sequence[np.ndarray], num_patches: int) -> np.ndarray:
     """(num_patches, 3) RGB colour of each grid cell as a host, the same in every panel of one image.
 
-    Hosts are ranked by the largest group they hold in any panel; the largest groups get distinct palette colours
-    (colours repeat only after ``len(PALETTE)`` hosts, for the smallest groups).
+    Hosts are ranked by the largest group they hold in any panel; the largest groups get the palette's colours, the
+    rest colours of their own spread around the hue circle (golden-angle steps), so no two hosts share a colour.
     """
     largest = np.zeros(num_patches, dtype=np.int64)
     for groups in panel_groups:
         largest = np.maximum(largest, np.bincount(groups[groups >= 0], minlength=num_patches))
     order = np.argsort(-largest, kind="stable")
     colours = np.empty((num_patches, 3))
-    colours[order] = _PALETTE_RGB[np.arange(num_patches) % len(PALETTE)]
+    colours[order] = _palette(num_patches)
     return colours
+
+
+def _palette(n: int) -> np.ndarray:
+    """``n`` distinct RGB colours: :data:`PALETTE`, then golden-angle hues at alternating saturation and value."""
+    from matplotlib.colors import hsv_to_rgb
+
+    extra = max(0, n - len(PALETTE))
+    k = np.arange(extra)
+    hsv = np.stack([(0.13 + k * 0.381966) % 1.0, np.where(k % 2, 0.55, 0.9), np.where(k % 3 == 1, 0.7, 0.95)], 1)
+    return np.concatenate([_PALETTE_RGB, hsv_to_rgb(hsv).reshape(-1, 3)])[:n]
 
 
 def _compose(image: np.ndarray, groups: np.ndarray, grid: tuple[int, int], colours: np.ndarray) -> np.ndarray:
@@ -301,7 +317,7 @@ def _compose(image: np.ndarray, groups: np.ndarray, grid: tuple[int, int], colou
 
 
 def _draw(image: np.ndarray, panels: list[tuple[str, np.ndarray]], grid: tuple[int, int], reducer: str, title: str,
-          panel_size: float, dpi: int, max_columns: int) -> Figure:
+          panel_size: float, dpi: int, max_columns: int, links: bool = True) -> Figure:
     n_panels = 1 + len(panels)
     cols = max(1, min(n_panels, max_columns))
     rows = math.ceil(n_panels / cols)
@@ -325,7 +341,7 @@ def _draw(image: np.ndarray, panels: list[tuple[str, np.ndarray]], grid: tuple[i
             continue
         label, groups = panels[i - 1]
         ax.imshow(_compose(image, groups, grid, colours), interpolation=interpolation)
-        _outline_and_link(ax, groups, grid, image.shape[:2], colours, side * dpi)
+        _outline_and_link(ax, groups, grid, image.shape[:2], colours, side * dpi, links)
         ax.set_title(label, fontsize=8)
     fig.legend(handles=_legend(reducer), loc="lower center", ncol=4, frameon=False, fontsize=7,
                bbox_to_anchor=(0.5, 0.0), handlelength=1.4, columnspacing=1.2)
@@ -333,7 +349,7 @@ def _draw(image: np.ndarray, panels: list[tuple[str, np.ndarray]], grid: tuple[i
 
 
 def _outline_and_link(ax, groups: np.ndarray, grid: tuple[int, int], size: tuple[int, int], colours: np.ndarray,
-                      panel_px: float) -> None:
+                      panel_px: float, links: bool = True) -> None:
     """Outline kept tokens (hosts in their colour), join each pruned patch to its host, hatch EViT's fused group."""
     ph, pw = size[0] / grid[0], size[1] / grid[1]
     cells = np.arange(len(groups))
@@ -345,7 +361,7 @@ def _outline_and_link(ax, groups: np.ndarray, grid: tuple[int, int], size: tuple
     hosts = np.zeros(len(groups), dtype=bool)
     hosts[groups[(groups >= 0) & ~kept]] = True
     moved = cells[(groups >= 0) & ~kept]
-    if len(moved):
+    if links and len(moved):
         segments = np.stack([centres[moved], centres[groups[moved]]], axis=1)
         ax.add_collection(LineCollection(segments, colors=colours[groups[moved]], linewidths=width * 0.6, alpha=0.7))
     inset = 0.06

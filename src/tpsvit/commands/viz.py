@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--out", default="tpsvit-viz", help="folder for the PNG files (default: ./tpsvit-viz)")
     out.add_argument("--dpi", type=int, default=100, help="pixels per inch (default 100)")
     out.add_argument("--panel-size", type=float, default=None, help="inches per panel (default: by grid size)")
+    out.add_argument("--links", action=argparse.BooleanOptionalAction, default=None,
+                     help="join each pruned patch to its host by a line (default: only on grids of <= 64 tokens)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     written = []
     for source in sources:
         written += visualize(model, source.pop("images"), args.out, panel_size=args.panel_size, dpi=args.dpi,
-                             **source)
+                             links=args.links, **source)
     for path in written:
         print(path)
     print(f"wrote {len(written)} token map(s) for {model.tps} to {args.out}", file=sys.stderr)
