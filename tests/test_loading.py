@@ -45,3 +45,11 @@ def test_a_local_weights_file_needs_no_network(monkeypatch, tmp_path):
     assert torch.equal(model.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
     plain = loading.load_model("vit_tiny_patch16_224", checkpoint=path, **TINY)  # the CLI's --checkpoint route
     assert torch.equal(plain.head.weight, source.head.weight)
+
+
+def test_unknown_model_suggests_close_names():
+    from tpsvit.errors import InvalidArgumentError
+    from tpsvit.loading import create_model
+
+    with pytest.raises(InvalidArgumentError, match=r"'deit_smal_patch16_224'; did you mean deit_small_patch16_224"):
+        create_model("deit_smal_patch16_224")

@@ -28,8 +28,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     import tpsvit.models  # noqa: F401  (registers tpsvit's own small models)
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
+        import difflib
+
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; list names with timm.list_models('*deit*')"
         raise InvalidArgumentError(f"unknown timm model {name!r}{hint}")
     host = _weights_host(name, kwargs) if pretrained else None
     if host is not None and not _reachable(host):
