@@ -6,6 +6,7 @@ import torch
 from conftest import VARIANTS, tiny_vit
 
 import tpsvit
+from tpsvit.errors import InvalidArgumentError
 from tpsvit.methods import METHODS
 
 ALL = list(METHODS)
@@ -332,3 +333,11 @@ def test_release_keep_rates_reproduce_the_release_counts():
 def test_keep_rate_string_is_named_whole():
     with pytest.raises(ValueError, match=r"keep_rate must be a number in \(0, 1\] or a list of them, got 'abc'"):
         tpsvit.patch(tiny_vit(), "etps", keep_rate="abc", locations=(1,))
+
+
+def test_tome_r_beyond_half_the_tokens_is_an_error():
+    model = tiny_vit()  # 64 patch tokens: at most 32 merged in one block
+    tpsvit.patch(model, "tome", r=32)
+    with pytest.raises(InvalidArgumentError, match="r=1000 is more than ToMe can merge in one block: at most half "
+                                                   "of the 64 patch tokens \\(32\\)"):
+        tpsvit.patch(model, "tome", r=1000)

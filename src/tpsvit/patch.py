@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tpsvit.config import DEFAULT_LOCATIONS, TPSConfig, make_config
+from tpsvit.errors import InvalidArgumentError
 from tpsvit.families import Family, family_of
 from tpsvit.methods import CLASS_FREE_SCORER, keep_count, tome_merge_count
 from tpsvit.reducers import Reduction, bipartite_merge, drop_reduce, fuse_one_reduce, squeeze_reduce
@@ -108,6 +109,24 @@ def _size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
     return size.log().to(dtype)[:, None, None, :, 0]
 
 
+def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, policy: Tensor, dropout=None) -> Tensor:
+    """Attention (B, H, N, D) where each query sees only kept tokens and itself (DynamicViT's masked softmax).
+
+    ``policy`` (B, N) is multiplied into the exponentiated logits, so straight-through gradients reach the keep
+    decisions; ``dropout`` (a callable, e.g. the attention's dropout module) is applied to the weights.
+    """
+    logits = ((q * scale) @ k.transpose(-2, -1)).float()  # (B, H, N, N)
+    allowed = policy.float()[:, None, None, :]
+    eye = torch.eye(q.shape[2], device=q.device, dtype=allowed.dtype)
+    allowed = allowed + (1.0 - allowed) * eye  # a query always sees itself
+    peak = logits.masked_fill(allowed <= 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    weights = torch.exp(logits - peak) * allowed
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(v.dtype)
+    if dropout is not None:
+        weights = dropout(weights)
+    return weights @ v
+
+
 def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor) -> Tensor:
     """timm ``Attention`` where each query sees only kept tokens and itself (DynamicViT's masked softmax).
 
@@ -116,14 +135,8 @@ def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor) -> Tensor:
     """
     batch, tokens, _ = x.shape
     q, k, v = split_qkv(attn, attn.qkv(x))
-    logits = ((q * attn.scale) @ k.transpose(-2, -1)).float()  # (B, H, N, N)
-    allowed = policy.float()[:, None, None, :]
-    eye = torch.eye(tokens, device=x.device, dtype=allowed.dtype)
-    allowed = allowed + (1.0 - allowed) * eye  # a query always sees itself
-    peak = logits.masked_fill(allowed <= 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
-    weights = torch.exp(logits - peak) * allowed
-    weights = attn.attn_drop((weights / weights.sum(dim=-1, keepdim=True)).to(v.dtype))
-    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
+    out = masked_softmax_attention(q, k, v, attn.scale, policy, attn.attn_drop)
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
     norm = getattr(attn, "norm", None)
     if norm is not None:
         out = norm(out)
@@ -181,8 +194,8 @@ def _scores(block: nn.Module, patches: Tensor, capture, extras: dict, state: For
     q, k = runtime.family.query_key(block, capture, extras)
     bias = _size_bias(state.size, k.dtype) if state.size is not None else None
     if config.scorer == CLASS_FREE_SCORER:
-        return attention_received(q, k, block.attn.scale, config.num_prefix_tokens, bias)
-    return class_attention_qk(q, k, block.attn.scale, config.num_prefix_tokens, bias)
+        return attention_received(q, k, runtime.family.attn_scale(block), config.num_prefix_tokens, bias)
+    return class_attention_qk(q, k, runtime.family.attn_scale(block), config.num_prefix_tokens, bias)
 
 
 def _track(block, state: ForwardState, runtime: _Runtime, result: Reduction, scores, n: int) -> None:
@@ -229,10 +242,10 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: di
             keep = top_k_mask(log_probs[..., 0], prev, reduction["keep_rate"])
         if runtime.record_class_attention:
             with torch.no_grad():
-                q, k = runtime.family.fresh_query_key(block, block.norm1(x), extras)
+                q, k = runtime.family.fresh_query_key(block, runtime.family.attn_input(block, x), extras)
                 alive = torch.cat([prev.new_ones(batch, prefix_len), prev], dim=1)
                 bias = torch.zeros_like(alive).masked_fill(alive <= 0, float("-inf"))[:, None, None, :]
-                target = class_attention_qk(q, k, block.attn.scale, prefix_len, bias)
+                target = class_attention_qk(q, k, runtime.family.attn_scale(block), prefix_len, bias)
             state.ranking.append((log_probs, target, prev))
     if config.spec.reducer == "squeeze":
         patches = squeeze_masked(patches, keep, prev, config.temperature)
@@ -244,14 +257,18 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: _Runtime, reduction: di
 # --------------------------------------------------------------------------------------------------- model mixin
 
 
-class _TPSModel:
-    """Mixed into the model (timm ``VisionTransformer`` or ``Eva``): starts a fresh forward state per pass; exposes
-    ``model.tps``; pools only the kept tokens on the masked path."""
+class _Patched:
+    """Base of every model mixin (one per family): exposes ``model.tps``."""
 
     @property
     def tps(self) -> TPSConfig:
         """The validated configuration of the patch."""
         return self._tps_runtime.config
+
+
+class _TPSModel(_Patched):
+    """Mixed into the model (timm ``VisionTransformer`` or ``Eva``): starts a fresh forward state per pass; exposes
+    ``model.tps``; pools only the kept tokens on the masked path."""
 
     def forward_features(self, *args, **kwargs):
         self._tps_runtime.begin(self)
@@ -289,7 +306,7 @@ def _subclass(base: type, mixin: type) -> type:
 
 def is_patched(model: nn.Module) -> bool:
     """True when ``model`` is currently patched by tpsvit."""
-    return isinstance(model, _TPSModel)
+    return isinstance(model, _Patched)
 
 
 def patch(
@@ -331,6 +348,12 @@ def patch(
         method, len(blocks), family.num_prefix_tokens(model), keep_rate, locations, r, temperature, scorer, fuse,
         class_token=family.has_class_token(model),
     )
+    grid = family.grid_size(model)
+    if config.r is not None and grid is not None and max(config.r) > grid[0] * grid[1] // 2:
+        raise InvalidArgumentError(
+            f"r={max(config.r)} is more than ToMe can merge in one block: at most half of the {grid[0] * grid[1]} "
+            f"patch tokens ({grid[0] * grid[1] // 2}); later blocks merge at most half of what is left"
+        )
     if scorer == "default" and config.scorer == CLASS_FREE_SCORER:
         warnings.warn(
             f"tpsvit: this model has no class token, so {config.method} scores tokens by the attention they receive "
@@ -340,8 +363,8 @@ def patch(
     previous = getattr(model, PREDICTORS, None) if is_patched(model) else None
     unpatch(model)  # only once the new patch is known to be valid: a bad call leaves the model as it was
     runtime = _Runtime(config, family.grid_size(model), family)
-    predictors = _make_predictors(model, config, previous)
-    model.__class__ = _subclass(type(model), _TPSModel)
+    predictors = _make_predictors(model, config, previous, family.embed_dim(model))
+    model.__class__ = _subclass(type(model), family.model_mixin or _TPSModel)
     model._tps_runtime = runtime
     if predictors is not None:
         setattr(model, PREDICTORS, predictors)
@@ -423,10 +446,11 @@ def _runtime(model: nn.Module) -> _Runtime:
     return model._tps_runtime
 
 
-def _make_predictors(model: nn.Module, config: TPSConfig, previous: nn.ModuleDict | None) -> nn.ModuleDict | None:
+def _make_predictors(
+    model: nn.Module, config: TPSConfig, previous: nn.ModuleDict | None, dim: int
+) -> nn.ModuleDict | None:
     if not config.spec.learned:
         return None
-    dim = int(model.embed_dim)
     reference = next(model.parameters())
     predictors = nn.ModuleDict()
     for loc in config.locations:
