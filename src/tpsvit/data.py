@@ -327,8 +327,9 @@ def _load(path: str, mode: str) -> Image.Image:
 def image_folder(root: str | os.PathLike, transform: Callable | None = None, in_chans: int = 3):
     """torchvision ImageFolder over ``root/<class>/<image>`` (e.g. ImageNet val).
 
-    Images are read as RGB, or as greyscale when ``in_chans`` is 1. Its loader turns an unreadable image into a DatasetError naming the file. Raises DatasetError
-    when root is missing, is not a directory, has no class folders or no images.
+    Images are read as RGB, or as greyscale when ``in_chans`` is 1. Its loader turns an unreadable image into a
+    DatasetError naming the file. Raises DatasetError when root is missing, is not a directory, has no class folders
+    or no images.
     """
     from torchvision.datasets import ImageFolder
 

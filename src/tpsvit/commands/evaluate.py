@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
                            "use a model or checkpoint trained for this dataset")
     if classes < model_classes:
         print(f"tpsvit eval: warning: the model's head predicts {model_classes} classes but {description} has "
-              f"{classes}; labels are the dataset's class indices 0..{classes - 1} (sorted folder names), so unless the "
-              "model was trained with these labels expect ~0% top-1", file=sys.stderr)
+              f"{classes}; labels are the dataset's class indices 0..{classes - 1} (sorted folder names), so unless "
+              "the model was trained with these labels expect ~0% top-1", file=sys.stderr)
     variants, schedules = variants_from_args(args, base), []
     if args.schedule == "auto":
         variants, schedules = auto_schedules(args, base, variants)

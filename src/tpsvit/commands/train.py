@@ -71,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=S, metavar="NAME", help="timm model name")
-    model.add_argument("--checkpoint", default=S, metavar="FILE", help="starting weights (tpsvit safetensors, torch); 'shipped': the base model shipped for "
-                            "the mini-DeiT's dataset")
+    model.add_argument("--checkpoint", default=S, metavar="FILE",
+                       help="starting weights (tpsvit safetensors, torch); 'shipped': the base model shipped for the "
+                            "mini-DeiT's dataset")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=S,
                        help="start from timm's pretrained weights")
     model.add_argument("--teacher", default=S, metavar="auto|none|FILE",
