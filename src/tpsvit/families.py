@@ -7,13 +7,15 @@ embedding) for the scorers, how to run attention with a keep mask (the full-leng
 DynamicViT) and which per-token extras follow the tokens through a reduction (rotary angles for Eva). The engine
 (scorers, reducers, schedule, trace) is family-free; adding a family (e.g. Hugging Face ViTs) is adding an adapter.
 
-Families today: timm ``VisionTransformer`` (DeiT, DeiT-III, AugReg, CLIP, DINOv2, SigLIP, ...) and timm ``Eva``
-(EVA-02, DINOv3, Perception Encoder, RoPE ViTs). Other timm ViT-like classes are refused by :func:`family_of` with
+Families today: timm ``VisionTransformer`` (DeiT, DeiT-III, AugReg, CLIP, DINOv2, SigLIP, ...), timm ``Eva``
+(EVA-02, DINOv3, Perception Encoder, RoPE ViTs) and, in :mod:`tpsvit.hf` (looked up only once ``transformers`` is
+imported), Hugging Face ViT / DeiT, DINOv2 (+ registers), CLIP and SigLIP vision models. Other timm ViT-like classes are refused by :func:`family_of` with
 the reason and what support would need.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -28,6 +30,7 @@ class Family:
 
     name = ""
     block_mixin: type = object  # mixed into each block class; calls runtime.attend / runtime.reduce
+    model_mixin: type | None = None  # mixed into the model class; None: timm's (tpsvit.patch._TPSModel)
 
     def matches(self, model: nn.Module) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -40,6 +43,17 @@ class Family:
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.embed_dim)
+
+    def attn_scale(self, block: nn.Module) -> float:
+        """The softmax scale of the block's attention (q k^T * scale)."""
+        return block.attn.scale
+
+    def attn_input(self, block: nn.Module, x: Tensor) -> Tensor:
+        """The attention's input for the block input ``x`` (the pre-attention norm)."""
+        return block.norm1(x)
 
     def has_class_token(self, model: nn.Module) -> bool:
         return getattr(model, "cls_token", None) is not None
@@ -357,10 +371,17 @@ def family_of(model) -> Family:
     """The adapter for ``model``, or :class:`UnsupportedModelError` saying why not and what would be needed."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a timm VisionTransformer or Eva model, got {type(model).__name__}")
-    for family in FAMILIES:
+    families = FAMILIES
+    if "transformers" in sys.modules:  # a Hugging Face model implies transformers is imported already
+        from tpsvit.hf import HF_FAMILIES, refuse_hf
+
+        families = FAMILIES + HF_FAMILIES
+    for family in families:
         if family.matches(model):
             family.check(model)
             return family
+    if "transformers" in sys.modules:
+        refuse_hf(model)
     for cls in type(model).__mro__:
         if cls.__name__ in REFUSED:
             raise UnsupportedModelError(f"tpsvit cannot patch a timm {cls.__name__}: {REFUSED[cls.__name__]}")

@@ -1,0 +1,362 @@
+"""Hugging Face ``transformers`` vision models behind the family-adapter seam of :mod:`tpsvit.families`.
+
+Supported: ViT and DeiT (``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``, ``DeiTForImageClassification``,
+``DeiTForImageClassificationWithTeacher``), DINOv2 with or without registers (``Dinov2Model``,
+``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel``, ``Dinov2WithRegistersForImageClassification``) and the
+CLIP / SigLIP vision towers (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``).
+
+How it works, without copying transformers code:
+
+- the layer list is found by the class of its elements (``ViTLayer``, ``Dinov2Layer``, ``CLIPEncoderLayer``, ...), not
+  by a module path, so the attribute reorganisations between transformers releases do not matter;
+- each layer's class is swapped for a thin subclass whose forward composes the layer's own modules (pre-attention
+  norm, attention, its residual branch, then the MLP branch) and reduces tokens before the layer (dtps, dynamicvit) or
+  between attention and MLP (etps, evit, tome); the attention itself is transformers' (SDPA by default);
+- q and k for the scorers are captured by forward hooks on the attention's ``q_proj`` / ``k_proj`` (transformers 5)
+  or ``query`` / ``key`` (transformers 4) linear layers, so no attention map is materialised;
+- these models add position embeddings once, before the first layer, and their heads read the class token (index 0),
+  the mean of the patch tokens (DINOv2 classifiers) or pool by attention over all tokens (SigLIP), so a shorter
+  sequence runs through unchanged. Prefix tokens (class, DeiT's distillation token, DINOv2 registers) are protected.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tpsvit.errors import UnsupportedModelError
+from tpsvit.families import Family
+from tpsvit.patch import _Patched, masked_softmax_attention
+
+
+def _base_type(module: nn.Module) -> type:
+    return getattr(type(module), "_tps_base", type(module))
+
+
+# --------------------------------------------------------------------------------------------- the layer and model
+
+
+class _HFBlock:
+    """Mixed into a transformers encoder layer: reduce tokens at this layer's location, else behave as the layer."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs) -> Tensor:
+        runtime = self._tps_runtime
+        runtime.ensure_state(self)
+        family = runtime.family
+        extras = {"kwargs": kwargs}
+        x = hidden_states
+        placement = self._tps_placement
+        if placement == "before":
+            x = runtime.reduce(self, x, extras)
+        y = runtime.attend(self, family.attn_input(self, x), extras, attention_mask, False)
+        x = x + family.attention_residual(self, y)
+        if placement == "inside":
+            x = runtime.reduce(self, x, extras)
+        return x + family.mlp_residual(self, x)
+
+
+# heads that pool over every token: on the masked (full-length) training path they would see the masked tokens
+_POOL_ALL = {
+    "Dinov2ForImageClassification": "averages all patch tokens",
+    "Dinov2WithRegistersForImageClassification": "averages all patch tokens",
+    "SiglipVisionModel": "pools by attention over all tokens",
+}
+
+
+class _HFModel(_Patched):
+    """Mixed into the transformers model: a fresh forward state per call of ``model(...)``."""
+
+    def forward(self, *args, **kwargs):
+        runtime = self._tps_runtime
+        runtime.begin(self)
+        name = _base_type(self).__name__
+        if runtime.state.masked and name in _POOL_ALL:
+            raise ValueError(
+                f"{name}'s head {_POOL_ALL[name]}, which the masked training path of {runtime.config.method} (train "
+                "mode: full length, keep mask in attention) does not restrict to kept tokens; train its base model "
+                "(e.g. Dinov2Model) with your own head, or run in eval mode"
+            )
+        return super().forward(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ attention parts
+
+
+def _attention(block: nn.Module) -> nn.Module:
+    return block.self_attn if hasattr(block, "self_attn") else block.attention
+
+
+def _self_attention(block: nn.Module) -> nn.Module:
+    """The module holding the q/k/v projections (transformers 4 nests it as ``attention.attention``)."""
+    attn = _attention(block)
+    inner = getattr(attn, "attention", None)
+    return inner if isinstance(inner, nn.Module) else attn
+
+
+def _proj(inner: nn.Module, kind: str) -> nn.Linear:
+    for name in (f"{kind}_proj", {"q": "query", "k": "key", "v": "value"}[kind]):
+        module = getattr(inner, name, None)
+        if isinstance(module, nn.Linear):
+            return module
+    raise UnsupportedModelError(
+        f"{type(inner).__name__} has neither {kind}_proj nor a {kind!r} projection named query/key/value"
+    )
+
+
+def _head_dim(inner: nn.Module) -> int:
+    head_dim = getattr(inner, "head_dim", None) or getattr(inner, "attention_head_size", None)
+    if head_dim is None:
+        raise UnsupportedModelError(f"{type(inner).__name__} exposes neither head_dim nor attention_head_size")
+    return int(head_dim)
+
+
+def _heads(t: Tensor, head_dim: int) -> Tensor:
+    """(B, N, H*D) -> (B, H, N, D)."""
+    return t.view(*t.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def _dropout_p(inner: nn.Module) -> float:
+    p = getattr(inner, "attention_dropout", None)
+    if p is None:
+        p = getattr(inner, "dropout", 0.0)
+    return float(p.p if isinstance(p, nn.Dropout) else p)
+
+
+def _output(block: nn.Module, context: Tensor) -> Tensor:
+    """The attention's output projection on (B, N, H*D)."""
+    attn = _attention(block)
+    for name in ("o_proj", "out_proj"):
+        module = getattr(attn, name, None)
+        if isinstance(module, nn.Linear):
+            return module(context)
+    output = getattr(attn, "output", None)  # transformers 4: ViTSelfOutput (dense, dropout)
+    if output is not None and hasattr(output, "dense"):
+        return output.dropout(output.dense(context))
+    raise UnsupportedModelError(f"{type(attn).__name__} has no o_proj / out_proj / output.dense")
+
+
+_Q, _K = "_tps_q", "_tps_k"
+
+
+def _capture_q(module, args, output):
+    module.__dict__[_Q] = output
+
+
+def _capture_k(module, args, output):
+    module.__dict__[_K] = output
+
+
+# ------------------------------------------------------------------------------------------------------- families
+
+
+class HFFamily(Family):
+    """A transformers vision encoder with pre-norm layers; subclasses name the classes and the layer's modules."""
+
+    block_mixin = _HFBlock
+    model_mixin = _HFModel
+    models: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
+    norm1 = norm2 = ""
+
+    def matches(self, model):
+        return _base_type(model).__name__ in self.models
+
+    def check(self, model):
+        self.blocks(model)
+        attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if attn_impl is not None and "flash" in str(attn_impl):
+            raise UnsupportedModelError(
+                f"attention implementation {attn_impl!r}: ToMe's size bias and the masked path need an additive mask; "
+                "load the model with attn_implementation='sdpa' (the default) or 'eager'"
+            )
+
+    def blocks(self, model):
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) and all(
+                _base_type(m).__name__ in self.layers for m in module
+            ):
+                return list(module)
+        raise UnsupportedModelError(f"no list of {' / '.join(self.layers)} found in {type(model).__name__}")
+
+    def _config(self, model):
+        config = model.config
+        return getattr(config, "vision_config", None) or config
+
+    def _embeddings(self, model) -> nn.Module:
+        for module in model.modules():
+            if type(module).__name__.endswith("Embeddings") and (
+                hasattr(module, "patch_embeddings") or hasattr(module, "patch_embedding")
+            ):
+                return module
+        raise UnsupportedModelError(f"no patch embeddings found in {type(model).__name__}")
+
+    def num_prefix_tokens(self, model):
+        emb = self._embeddings(model)
+        count = int(self.has_class_token(model))
+        if getattr(emb, "distillation_token", None) is not None:
+            count += 1
+        registers = getattr(emb, "register_tokens", None)
+        if registers is not None:
+            count += int(registers.shape[1])
+        return count
+
+    def has_class_token(self, model):
+        emb = self._embeddings(model)
+        return getattr(emb, "cls_token", None) is not None or getattr(emb, "class_embedding", None) is not None
+
+    def grid_size(self, model):
+        config = self._config(model)
+        size, patch = config.image_size, config.patch_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return (int(size[0]) // int(patch[0]), int(size[1]) // int(patch[1]))
+
+    def embed_dim(self, model):
+        return int(self._config(model).hidden_size)
+
+    def attn_scale(self, block):
+        inner = _self_attention(block)
+        scale = getattr(inner, "scaling", None) or getattr(inner, "scale", None)
+        return float(scale) if scale is not None else _head_dim(inner) ** -0.5
+
+    def attn_input(self, block, x):
+        return getattr(block, self.norm1)(x)
+
+    def attention_residual(self, block, y):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def mlp_residual(self, block, x):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # ---- q / k for the scorers
+
+    def install(self, block):
+        inner = _self_attention(block)
+        _proj(inner, "q").register_forward_hook(_capture_q)
+        _proj(inner, "k").register_forward_hook(_capture_k)
+
+    def uninstall(self, block):
+        inner = _self_attention(block)
+        for module, fn, name in ((_proj(inner, "q"), _capture_q, _Q), (_proj(inner, "k"), _capture_k, _K)):
+            hooks = module._forward_hooks
+            for key in [k for k, hook in hooks.items() if hook is fn]:
+                del hooks[key]
+            module.__dict__.pop(name, None)
+
+    def take_capture(self, block):
+        inner = _self_attention(block)
+        q = _proj(inner, "q").__dict__.pop(_Q, None)
+        k = _proj(inner, "k").__dict__.pop(_K, None)
+        return None if q is None or k is None else (q, k)
+
+    def query_key(self, block, capture, extras):
+        head_dim = _head_dim(_self_attention(block))
+        return _heads(capture[0], head_dim), _heads(capture[1], head_dim)
+
+    def fresh_query_key(self, block, x, extras):
+        inner = _self_attention(block)
+        head_dim = _head_dim(inner)
+        return _heads(_proj(inner, "q")(x), head_dim), _heads(_proj(inner, "k")(x), head_dim)
+
+    # ---- attention
+
+    def attention(self, block, x, extras, attn_mask, is_causal):
+        attn = _attention(block)
+        if "attention_mask" in inspect.signature(attn.forward).parameters:
+            return attn(x, attention_mask=attn_mask, **extras.get("kwargs", {}))[0]
+        if attn_mask is None:
+            return attn(x)[0]  # transformers 4 ViT / DINOv2: (hidden_states, head_mask, output_attentions)
+        return self._explicit(block, x, bias=attn_mask)  # an additive mask the attention cannot take
+
+    def _explicit(self, block, x, bias=None, policy=None):
+        inner = _self_attention(block)
+        head_dim = _head_dim(inner)
+        q, k, v = (_heads(_proj(inner, kind)(x), head_dim) for kind in "qkv")
+        p = _dropout_p(inner) if block.training else 0.0
+        if policy is not None:
+            out = masked_softmax_attention(q, k, v, self.attn_scale(block), policy, lambda w: F.dropout(w, p, True))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.attn_scale(block))
+        return _output(block, out.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+    def masked_attention(self, block, x, policy, extras):
+        """DynamicViT's masked softmax over the layer's own q/k/v projections and output projection (the full-length
+        training path of dtps / dynamicvit); inference keeps transformers' attention."""
+        return self._explicit(block, x, policy=policy)
+
+
+class HFViTFamily(HFFamily):
+    name = "transformers ViT / DeiT"
+    models = (
+        "ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+        "DeiTForImageClassificationWithTeacher",
+    )
+    layers = ("ViTLayer", "DeiTLayer")
+    norm1, norm2 = "layernorm_before", "layernorm_after"
+
+    def attention_residual(self, block, y):
+        dropout = getattr(block, "dropout", None)  # transformers 5; in 4 the attention's output applies it
+        return dropout(y) if dropout is not None else y
+
+    def mlp_residual(self, block, x):
+        h = block.layernorm_after(x)
+        if hasattr(block, "mlp"):
+            return block.dropout(block.mlp(h))
+        return block.output.dropout(block.output.dense(block.intermediate(h)))  # transformers 4
+
+
+class HFDinov2Family(HFFamily):
+    name = "transformers DINOv2"
+    models = (
+        "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
+        "Dinov2WithRegistersForImageClassification",
+    )
+    layers = ("Dinov2Layer", "Dinov2WithRegistersLayer")
+    norm1, norm2 = "norm1", "norm2"
+
+    def attention_residual(self, block, y):
+        return block.drop_path(block.layer_scale1(y))
+
+    def mlp_residual(self, block, x):
+        return block.drop_path(block.layer_scale2(block.mlp(block.norm2(x))))
+
+
+class HFCLIPFamily(HFFamily):
+    name = "transformers CLIP / SigLIP vision"
+    models = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel")
+    layers = ("CLIPEncoderLayer", "SiglipEncoderLayer")
+    norm1, norm2 = "layer_norm1", "layer_norm2"
+
+    def attention_residual(self, block, y):
+        return y
+
+    def mlp_residual(self, block, x):
+        return block.mlp(block.layer_norm2(x))
+
+
+HF_FAMILIES: tuple[Family, ...] = (HFViTFamily(), HFDinov2Family(), HFCLIPFamily())
+SUPPORTED = tuple(name for family in HF_FAMILIES for name in family.models)
+
+REFUSED = {
+    "Dinov2Backbone": "its feature maps reshape every stage's tokens to the full patch grid",
+    "Dinov2WithRegistersBackbone": "its feature maps reshape every stage's tokens to the full patch grid",
+}
+
+
+def refuse_hf(model: nn.Module) -> None:
+    """Raise the one-line error for a transformers model that no HF family supports (no-op for other models)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - only called when transformers is imported
+        return
+    if not isinstance(model, PreTrainedModel):
+        return
+    name = _base_type(model).__name__
+    why = ""
+    if name in REFUSED:
+        why = f" ({REFUSED[name]}; patch its base model and rebuild the grid with tpsvit.restore)"
+    raise UnsupportedModelError(
+        f"tpsvit cannot patch transformers {name}{why}; supported transformers classes: {', '.join(SUPPORTED)}"
+    )

@@ -1,0 +1,203 @@
+"""Hugging Face transformers vision models (tpsvit.hf): tiny random configs built offline, no hub."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import tpsvit
+
+transformers = pytest.importorskip("transformers")
+
+ALL = ["etps", "dtps", "evit", "dynamicvit", "tome"]
+LOCATIONS = (1, 2)
+SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, image_size=32,
+             patch_size=4, layer_norm_eps=1e-6)
+
+
+def build(kind: str):
+    """(model, number of prefix tokens) for a tiny random model of ``kind`` (8x8 = 64 patch tokens)."""
+    torch.manual_seed(0)
+    t = transformers
+    if kind == "vit":
+        model, prefix = t.ViTForImageClassification(t.ViTConfig(**SMALL, num_labels=5)), 1
+    elif kind == "vit_model":
+        model, prefix = t.ViTModel(t.ViTConfig(**SMALL)), 1
+    elif kind == "deit_teacher":
+        model, prefix = t.DeiTForImageClassificationWithTeacher(t.DeiTConfig(**SMALL, num_labels=5)), 2
+    elif kind == "dinov2":
+        model, prefix = t.Dinov2ForImageClassification(t.Dinov2Config(**SMALL, num_labels=5)), 1
+    elif kind == "dinov2_registers":
+        config = t.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4)
+        model, prefix = t.Dinov2WithRegistersModel(config), 5
+    elif kind == "clip":
+        model, prefix = t.CLIPVisionModel(t.CLIPVisionConfig(**SMALL)), 1
+    elif kind == "siglip":
+        model, prefix = t.SiglipVisionModel(t.SiglipVisionConfig(**SMALL)), 0
+    else:  # pragma: no cover
+        raise KeyError(kind)
+    return model.eval(), prefix
+
+
+KINDS = ["vit", "vit_model", "deit_teacher", "dinov2", "dinov2_registers", "clip", "siglip"]
+
+
+def outputs(model, images) -> list[torch.Tensor]:
+    out = model(pixel_values=images)
+    return [v for v in out.values() if isinstance(v, torch.Tensor)]
+
+
+def patch(model, method, keep_rate, locations=LOCATIONS):
+    kwargs = {"r": 0 if keep_rate == 1.0 else None} if method == "tome" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SigLIP: the class-free scorer warning (tested below)
+        return tpsvit.patch(model, method, keep_rate=keep_rate, locations=locations, **kwargs)
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keep_one_is_identity_and_unpatch_round_trips(kind, images):
+    model, _ = build(kind)
+    cls, keys = type(model), list(model.state_dict())
+    with torch.no_grad():
+        reference = outputs(model, images)
+        for method in ALL:
+            patch(model, method, 1.0)
+            assert tpsvit.is_patched(model) and model.tps.method == method
+            for got, want in zip(outputs(model, images), reference, strict=True):
+                torch.testing.assert_close(got, want, atol=0, rtol=0)
+            tpsvit.unpatch(model)
+            assert type(model) is cls and list(model.state_dict()) == keys
+            assert all(not m._forward_hooks for m in model.modules())
+        for got, want in zip(outputs(model, images), reference, strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ALL)
+def test_methods_reduce_as_scheduled_and_restore(kind, method, images):
+    model, prefix = build(kind)
+    patch(model, method, 0.5)
+    assert model.tps.num_prefix_tokens == prefix
+    counts = []
+    layers = tpsvit.families.family_of(model).blocks(model)
+    hooks = [layer.register_forward_hook(lambda m, a, o: counts.append(o.shape[1])) for layer in layers]
+    with torch.no_grad(), tpsvit.tracing(model) as trace:
+        out = model(pixel_values=images)
+    for hook in hooks:
+        hook.remove()
+    extra = 1 if method == "evit" else 0
+    n1 = math.ceil(0.5 * 64)
+    n2 = math.ceil(0.5 * (n1 + extra))
+    assert counts == [prefix + 64, prefix + n1 + extra, prefix + n2 + extra, prefix + n2 + extra]
+    assert [step.block for step in trace.locations] == list(LOCATIONS)
+    assert all(torch.isfinite(t).all() for t in out.values() if isinstance(t, torch.Tensor))
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is not None:
+        assert hidden.shape[1] == prefix + n2 + extra
+        kept_prefix, grid = tpsvit.restore(hidden, trace)
+        assert kept_prefix.shape == (2, prefix, 64) and grid.shape == (2, 64, 64)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_vit_matches_timm_with_the_same_weights(method, images):
+    """The same weights in a timm VisionTransformer, patched the same way, give the same logits."""
+    import timm
+
+    model, _ = build("vit")
+    timm_model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0,
+        num_classes=5,
+    ).eval()
+    hf = model.state_dict()
+    mapped = {
+        "cls_token": hf["vit.embeddings.cls_token"], "pos_embed": hf["vit.embeddings.position_embeddings"],
+        "patch_embed.proj.weight": hf["vit.embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": hf["vit.embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": hf["vit.layernorm.weight"], "norm.bias": hf["vit.layernorm.bias"],
+        "head.weight": hf["classifier.weight"], "head.bias": hf["classifier.bias"],
+    }
+    for i in range(4):
+        src, dst = f"vit.layers.{i}.", f"blocks.{i}."
+        att = src + "attention."
+        for part in ("weight", "bias"):
+            mapped[dst + f"attn.qkv.{part}"] = torch.cat([hf[att + f"{p}_proj.{part}"] for p in "qkv"])
+            mapped[dst + f"attn.proj.{part}"] = hf[att + f"o_proj.{part}"]
+            mapped[dst + f"norm1.{part}"] = hf[src + f"layernorm_before.{part}"]
+            mapped[dst + f"norm2.{part}"] = hf[src + f"layernorm_after.{part}"]
+            mapped[dst + f"mlp.fc1.{part}"] = hf[src + f"mlp.fc1.{part}"]
+            mapped[dst + f"mlp.fc2.{part}"] = hf[src + f"mlp.fc2.{part}"]
+    timm_model.load_state_dict(mapped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).logits, timm_model(images), atol=1e-5, rtol=1e-5)
+        patch(model, method, 0.5)
+        patch(timm_model, method, 0.5)
+        if method in ("dtps", "dynamicvit"):
+            for param in model.tps_predictors.parameters():
+                param.normal_(0.0, 0.5)
+            timm_model.tps_predictors.load_state_dict(model.tps_predictors.state_dict())
+        torch.testing.assert_close(model(images).logits, timm_model(images), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_model", "deit_teacher", "dinov2_registers", "clip"])
+@pytest.mark.parametrize("method", ["dtps", "dynamicvit"])
+def test_masked_path_equals_gather_path(kind, method, images):
+    model, prefix = build(kind)
+    patch(model, method, 0.5)
+    with torch.no_grad():
+        # spread the scores so that the test compares the paths, not tie-breaks (0.5 saturates CLIP's log-probs at 0)
+        for param in model.tps_predictors.parameters():
+            param.normal_(0.0, 0.1)
+        gather = model(pixel_values=images)
+        model._tps_runtime.force_masked = True
+        masked = model(pixel_values=images)
+    assert tpsvit.forward_state(model).masked
+    if hasattr(gather, "last_hidden_state"):  # the class / prefix tokens agree; the other rows differ by design
+        torch.testing.assert_close(masked.last_hidden_state[:, : max(prefix, 1)],
+                                   gather.last_hidden_state[:, : max(prefix, 1)], atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(masked.logits, gather.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dtps", "dynamicvit"])
+def test_training_step_reaches_the_predictors(method, images):
+    model, _ = build("vit")
+    patch(model, method, 0.5).train()
+    torch.manual_seed(0)
+    model(pixel_values=images).logits.sum().backward()
+    assert tpsvit.forward_state(model).masked and len(tpsvit.forward_state(model).decisions) == 2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.tps_predictors.parameters())
+
+
+def test_heads_pooling_all_tokens_refuse_the_masked_path(images):
+    model, _ = build("dinov2")
+    patch(model, "dtps", 0.5).train()
+    with pytest.raises(ValueError, match="averages all patch tokens"):
+        model(pixel_values=images)
+    model.eval()
+    model(pixel_values=images)  # the gather path is fine
+
+
+def test_siglip_uses_the_class_free_scorer():
+    model, _ = build("siglip")
+    with pytest.warns(UserWarning, match="attention_received"):
+        tpsvit.patch(model, "etps", keep_rate=0.5, locations=LOCATIONS)
+    assert model.tps.scorer == "attention_received"
+
+
+def test_unsupported_transformers_class_names_the_supported_ones():
+    config = transformers.Dinov2Config(**SMALL, out_features=["stage4"])
+    backbone = transformers.Dinov2Backbone(config)
+    with pytest.raises(tpsvit.UnsupportedModelError, match="Dinov2Backbone.*supported transformers classes: ViTModel"):
+        tpsvit.patch(backbone, "etps")
+    with pytest.raises(tpsvit.UnsupportedModelError, match="BertModel.*supported"):
+        tpsvit.patch(transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
+                                                                    num_attention_heads=2, intermediate_size=32)))
