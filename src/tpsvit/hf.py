@@ -54,7 +54,19 @@ class _HFBlock:
         x = x + family.attention_residual(self, y)
         if placement == "inside":
             x = runtime.reduce(self, x, extras)
-        return x + family.mlp_residual(self, x)
+        x = x + family.mlp_residual(self, x)
+        return (x,) if _returns_tuple(self._tps_base) else x
+
+
+_TUPLE: dict[type, bool] = {}
+
+
+def _returns_tuple(layer_cls: type) -> bool:
+    """True for layers whose forward returns ``(hidden_states, ...)`` (CLIP / SigLIP in transformers 4)."""
+    if layer_cls not in _TUPLE:
+        annotation = inspect.signature(layer_cls.forward).return_annotation
+        _TUPLE[layer_cls] = "tuple" in str(annotation).lower()
+    return _TUPLE[layer_cls]
 
 
 # heads that pool over every token: on the masked (full-length) training path they would see the masked tokens
@@ -265,10 +277,12 @@ class HFFamily(Family):
     def attention(self, block, x, extras, attn_mask, is_causal):
         attn = _attention(block)
         if "attention_mask" in inspect.signature(attn.forward).parameters:
-            return attn(x, attention_mask=attn_mask, **extras.get("kwargs", {}))[0]
-        if attn_mask is None:
-            return attn(x)[0]  # transformers 4 ViT / DINOv2: (hidden_states, head_mask, output_attentions)
-        return self._explicit(block, x, bias=attn_mask)  # an additive mask the attention cannot take
+            out = attn(x, attention_mask=attn_mask, **extras.get("kwargs", {}))
+        elif attn_mask is None:
+            out = attn(x)  # transformers 4 ViT / DINOv2: (hidden_states, head_mask)
+        else:
+            return self._explicit(block, x, bias=attn_mask)  # an additive mask the attention cannot take
+        return out[0] if isinstance(out, tuple) else out  # (output, weights) in transformers 5
 
     def _explicit(self, block, x, bias=None, policy=None):
         inner = _self_attention(block)
