@@ -207,3 +207,12 @@ def test_unsupported_transformers_class_names_the_supported_ones():
     with pytest.raises(tpsvit.UnsupportedModelError, match="BertModel.*supported"):
         tpsvit.patch(transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
                                                                     num_attention_heads=2, intermediate_size=32)))
+
+
+def test_gmacs_say_they_are_not_modelled_for_hf_models():
+    model, _ = build("vit")
+    with pytest.raises(tpsvit.UnsupportedModelError, match="not modelled for transformers ViT"):
+        tpsvit.gmacs(model, img_size=32)
+    patch(model, "etps", 0.5)
+    with pytest.raises(tpsvit.UnsupportedModelError, match="FlopCounterMode"):
+        tpsvit.gmacs(model, img_size=32)

@@ -9,8 +9,8 @@ DynamicViT) and which per-token extras follow the tokens through a reduction (ro
 
 Families today: timm ``VisionTransformer`` (DeiT, DeiT-III, AugReg, CLIP, DINOv2, SigLIP, ...), timm ``Eva``
 (EVA-02, DINOv3, Perception Encoder, RoPE ViTs) and, in :mod:`tpsvit.hf` (looked up only once ``transformers`` is
-imported), Hugging Face ViT / DeiT, DINOv2 (+ registers), CLIP and SigLIP vision models. Other timm ViT-like classes are refused by :func:`family_of` with
-the reason and what support would need.
+imported), Hugging Face ViT / DeiT, DINOv2 (+ registers), CLIP and SigLIP vision models. Other timm ViT-like classes
+are refused by :func:`family_of` with the reason and what support would need.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Family:
     name = ""
     block_mixin: type = object  # mixed into each block class; calls runtime.attend / runtime.reduce
     model_mixin: type | None = None  # mixed into the model class; None: timm's (tpsvit.patch._TPSModel)
+    gmacs_modelled = True  # tpsvit.flops reads the model's shape (timm attribute names)
 
     def matches(self, model: nn.Module) -> bool:  # pragma: no cover - interface
         raise NotImplementedError

@@ -105,6 +105,11 @@ def vit_shape(model: nn.Module, img_size=None) -> ViTShape:
     from tpsvit.families import family_of
 
     family = family_of(model)  # timm VisionTransformer or Eva, else an error saying why
+    if not family.gmacs_modelled:
+        raise UnsupportedModelError(
+            f"analytic GMACs are not modelled for {family.name} models yet (their heads and embeddings differ from "
+            "timm's); count them with torch.utils.flop_counter.FlopCounterMode on one forward pass (FLOPs / 2)"
+        )
     pool = getattr(model, "attn_pool", None)
     pool_token_macs = pool_fixed_macs = 0
     if pool is not None:

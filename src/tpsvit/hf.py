@@ -168,6 +168,7 @@ class HFFamily(Family):
 
     block_mixin = _HFBlock
     model_mixin = _HFModel
+    gmacs_modelled = False  # tpsvit.flops: a clear error for now (heads and embeddings differ per class)
     models: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
     norm1 = norm2 = ""
