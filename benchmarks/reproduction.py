@@ -201,7 +201,7 @@ def _save(path: str | None, report: dict) -> None:
 def _mean_and_values(values: list[float]) -> str:
     if not values:
         return ""
-    if len(values) == 1:
+    if len(set(values)) == 1:  # one run, or a deterministic evaluation repeated per seed
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ({' / '.join(f'{v:.2f}' for v in values)})"
 
