@@ -3,8 +3,6 @@ surviving tokens. Tiny random models built like the real definitions in timm/mod
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from timm.models.eva import Eva
