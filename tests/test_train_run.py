@@ -376,3 +376,69 @@ def test_auto_schedule_is_planned_on_training_images_and_recorded(scratch, data,
     assert results["history"][-1]["gmacs"] <= 0.5 * scratch["history"][-1]["gmacs"] * 1.001
     with pytest.raises(InvalidArgumentError, match="schedule=auto .* set budget"):
         train(config(data, tmp_path / "bad", method="etps", schedule="auto"))
+
+
+# ------------------------------------------------------------------------------------------------ fp16 scaler
+
+
+def _fp16_with_bad_steps(monkeypatch, bad):
+    """CPU fp16 autocast with a real GradScaler; the loss is made infinite at the global steps in ``bad``."""
+    from tpsvit.train import engine
+
+    monkeypatch.setattr(engine, "_resolve_amp", lambda amp, device: torch.float16)
+    losses, step = engine.Run._losses, engine.Run._step
+    seen = []
+
+    def inf_losses(self, *args):
+        terms = losses(self, *args)
+        if self.global_step in bad:
+            terms["total"] = terms["total"] * float("inf")
+        return terms
+
+    def recording_step(self, *args):
+        out = step(self, *args)
+        seen.append((self.global_step, self.scheduler.last_epoch, self.scaler.get_scale(), self.skipped_steps))
+        return out
+
+    monkeypatch.setattr(engine.Run, "_losses", inf_losses)
+    monkeypatch.setattr(engine.Run, "_step", recording_step)
+    return seen
+
+
+def test_fp16_skipped_step_holds_the_lr_schedule(data, tmp_path, monkeypatch):
+    import warnings
+
+    seen = _fp16_with_bad_steps(monkeypatch, {1, 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(config(data, tmp_path / "fp16", epochs=1))
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert result["global_step"] == 10
+    assert seen[1][2] == seen[0][2] / 2 and seen[2][2] == seen[0][2] / 4  # the scaler skipped steps 1 and 2
+    assert [s[1] for s in seen] == [1, 1, 1, 2, 3, 4, 5, 6, 7, 8]  # the schedule waited on the two skipped steps
+    assert seen[-1][3] == 2
+
+
+def test_fp16_aborts_only_after_several_non_finite_steps_in_a_row(data, tmp_path, monkeypatch):
+    from tpsvit.train import engine
+
+    seen = _fp16_with_bad_steps(monkeypatch, set(range(100)))
+    with pytest.raises(FloatingPointError, match=f"{engine.MAX_NONFINITE_STEPS}th optimizer step in a row"):
+        train(config(data, tmp_path / "fp16", epochs=1))
+    assert len(seen) == engine.MAX_NONFINITE_STEPS - 1
+    assert all(s[1] == 0 for s in seen)
+
+
+def test_non_finite_loss_without_a_scaler_aborts_at_once(data, tmp_path, monkeypatch):
+    from tpsvit.train import engine
+
+    losses = engine.Run._losses
+
+    def inf_losses(self, *args):
+        terms = losses(self, *args)
+        terms["total"] = terms["total"] * float("inf")
+        return terms
+
+    monkeypatch.setattr(engine.Run, "_losses", inf_losses)
+    with pytest.raises(FloatingPointError, match=r"loss is (inf|nan) at epoch 1 step 0; lower lr or use amp=none"):
+        train(config(data, tmp_path / "bf", epochs=1))

@@ -55,6 +55,9 @@ from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, resolve, valid_ke
 from tpsvit.train.warm_start import warm_start_predictors
 
 LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio", "attention_distill")
+# fp16 with a gradient scaler: a non-finite loss is left to the scaler, which skips that optimizer step and lowers its
+# scale; only this many non-finite steps in a row abort the run (without a scaler the first one does)
+MAX_NONFINITE_STEPS = 5
 
 
 # torch >= 2.5 has torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class there and exists before
@@ -290,6 +293,8 @@ class Run:
             lambda step: lr_factor(step, self.total_steps, warmup, cfg.lr, cfg.warmup_lr, cfg.min_lr),
         )
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == torch.float16)
+        self.nonfinite_streak = 0  # optimizer steps in a row with a non-finite loss (fp16: skipped by the scaler)
+        self.skipped_steps = 0  # optimizer steps the fp16 scaler skipped (the lr schedule waited for each)
         self.mixup = None
         if self.mixup_active:
             from timm.data import Mixup
@@ -376,6 +381,8 @@ class Run:
         self._anneal()
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         accum = self.accum
+        scaling = self.scaler.is_enabled()
+        nonfinite = False
         for micro in range(accum):
             x, y = next(batches)
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
@@ -389,23 +396,40 @@ class Run:
                     with self._autocast():
                         logits, features = self.net(x)
                         terms = self._losses(x, logits, features, target)
-                    if not torch.isfinite(terms["total"]):
-                        raise FloatingPointError(f"loss is {terms['total'].item()} at epoch {epoch + 1} step {step}; "
-                                                 "lower lr or use amp=none")
+                    finite = bool(torch.isfinite(terms["total"]))
+                    if not finite:
+                        nonfinite = True
+                        if not scaling or self.nonfinite_streak + 1 >= MAX_NONFINITE_STEPS:
+                            raise FloatingPointError(self._nonfinite_message(terms["total"], epoch, step, scaling))
                     self.scaler.scale(terms["total"] / accum).backward()
             except OUT_OF_MEMORY as err:
                 raise InvalidArgumentError(self.out_of_memory_message()) from err
-            for key, value in terms.items():
-                sums[key] += float(value.detach()) / accum
+            if finite:  # a non-finite micro-step (fp16: skipped by the scaler) stays out of the logged means
+                for key, value in terms.items():
+                    sums[key] += float(value.detach()) / accum
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        scale = self.scaler.get_scale() if scaling else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        # fp16: the scaler lowers its scale exactly when it skipped optimizer.step() for inf/nan gradients; the lr
+        # schedule then waits too (no "scheduler before optimizer" warning, no drift of the schedule)
+        skipped = scaling and self.scaler.get_scale() < scale
+        if not skipped:
+            self.scheduler.step()
+        self.skipped_steps += int(skipped)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if nonfinite else 0
         self.global_step += 1
         return sums
+
+    def _nonfinite_message(self, total, epoch: int, step: int, scaling: bool) -> str:
+        where = f"loss is {total.item()} at epoch {epoch + 1} step {step}"
+        if scaling:
+            return (f"{where}, the {MAX_NONFINITE_STEPS}th optimizer step in a row with a non-finite loss (the fp16 "
+                    "gradient scaler skipped the previous ones); lower lr or use amp=bf16/none")
+        return f"{where}; lower lr or use amp=none"
 
     def _device_batch_note(self) -> str:
         cap = self.cfg.device_batch
@@ -427,7 +451,8 @@ class Run:
     def current_lr(self) -> float:
         """The predictor (main) learning rate now."""
         cfg = self.cfg
-        return cfg.lr * lr_factor(self.global_step, self.total_steps, self.warmup_steps, cfg.lr, cfg.warmup_lr,
+        # the scheduler's own count: it does not advance on steps the fp16 scaler skipped
+        return cfg.lr * lr_factor(self.scheduler.last_epoch, self.total_steps, self.warmup_steps, cfg.lr, cfg.warmup_lr,
                                   cfg.min_lr)
 
     # ------------------------------------------------------------------------------------------------ eval
