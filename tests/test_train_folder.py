@@ -85,3 +85,20 @@ def test_grey_imagefolder_trains_a_one_channel_model(tmp_path):
                      "model_kwargs": {"depth": 2, "embed_dim": 16, "num_heads": 2, "num_classes": 2},
                      "batch_size": 4, "epochs": 1, "workers": 0, "threads": 1, "warmup_epochs": 0})
     assert results["global_step"] == 2 and results["history"][0]["test_top1"] is not None
+
+
+def test_folder_batches_keep_their_workers_and_the_exact_order():
+    from tpsvit.train.data_loading import FolderBatches
+
+    dataset = [(torch.tensor([float(i)]), i) for i in range(24)]
+    plain = FolderBatches(dataset, 4, 0, 1, 5, True, 1, 0, False)
+    pooled = FolderBatches(dataset, 4, 0, 1, 5, True, 1, 1, False)
+    for epoch, start in ((0, 0), (1, 0), (1, 2), (0, 3)):
+        want = [y.tolist() for _, y in plain.batches(epoch, start)]
+        got = [y.tolist() for _, y in pooled.batches(epoch, start)]
+        assert got == want, (epoch, start)
+    assert pooled._loader.persistent_workers and pooled._loader.num_workers == 1
+    first = pooled._loader
+    next(pooled.batches(2))  # an abandoned epoch, then a full one on the same workers
+    assert [y.tolist() for _, y in pooled.batches(2)] == [y.tolist() for _, y in plain.batches(2)]
+    assert pooled._loader is first

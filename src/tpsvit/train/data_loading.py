@@ -145,6 +145,7 @@ class FolderBatches:
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.seed, self.rank, self.workers, self.pin_memory = seed, rank, workers, pin_memory
         self.sampler = ShardedSampler(len(dataset), rank, world, seed, train, repeats)
+        self._loader = None  # with workers: one DataLoader whose workers persist across epochs and evaluations
 
     def __len__(self) -> int:
         self.sampler.set_epoch(0)
@@ -153,11 +154,24 @@ class FolderBatches:
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) from batch ``start`` of this epoch."""
+        # the sampler is read in this process each time the loader is iterated, so set_epoch() steers a reused loader
         self.sampler.set_epoch(epoch, start * self.batch_size)
-        loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
-            pin_memory=self.pin_memory, drop_last=self.train, generator=generator(self.seed, epoch, start, self.rank),
-        )
+        if not self.workers:
+            loader = DataLoader(
+                self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=0,
+                pin_memory=self.pin_memory, drop_last=self.train,
+                generator=generator(self.seed, epoch, start, self.rank),
+            )
+        else:
+            # persistent workers: no respawn every epoch and every evaluation; the order stays exact (the sampler),
+            # the workers' augmentation seeds are drawn once (that randomness is not exact on resume anyway)
+            if self._loader is None:
+                self._loader = DataLoader(
+                    self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
+                    pin_memory=self.pin_memory, drop_last=self.train, persistent_workers=True,
+                    generator=generator(self.seed, epoch, start, self.rank),
+                )
+            loader = self._loader
         yield from loader
 
 
