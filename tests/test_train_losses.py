@@ -155,3 +155,11 @@ def test_shards_are_disjoint_and_cover_the_epoch():
     assert len(a) == len(b) == 5 and set(a.tolist()) | set(b.tolist()) == set(range(10))
     ra, rb = shard(order, 0, 2, repeats=3), shard(order, 1, 2, repeats=3)
     assert len(ra) == 5 and ra[0] == rb[0] == order[0]  # repeated augmentation: one image on both ranks
+
+
+def test_accuracy_on_half_precision_logits_ranks_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 10, generator=gen).to(torch.bfloat16)
+    target = torch.randint(0, 10, (64,), generator=gen)
+    assert accuracy(logits, target) == accuracy(logits.float(), target)
+    assert accuracy(logits.half(), target, topk=(1, 3)) == accuracy(logits.half().float(), target, topk=(1, 3))

@@ -132,8 +132,11 @@ def split_tokens(features: Tensor, num_prefix_tokens: int) -> Tensor:
 
 @torch.no_grad()
 def accuracy(logits: Tensor, target: Tensor, topk=(1, 5)) -> list[int]:
-    """Number of correct predictions in the top-k for each k (k capped at the number of classes)."""
+    """Number of correct predictions in the top-k for each k (k capped at the number of classes).
+
+    Ranked in float32: bf16/fp16 logits from autocast tie often, and their ties would decide the top-k.
+    """
     maxk = min(max(topk), logits.shape[-1])
-    pred = logits.topk(maxk, dim=-1).indices
+    pred = logits.float().topk(maxk, dim=-1).indices
     hit = pred.eq(target.unsqueeze(-1))
     return [int(hit[:, : min(k, maxk)].any(dim=-1).sum()) for k in topk]
