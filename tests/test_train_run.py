@@ -442,3 +442,17 @@ def test_non_finite_loss_without_a_scaler_aborts_at_once(data, tmp_path, monkeyp
     monkeypatch.setattr(engine.Run, "_losses", inf_losses)
     with pytest.raises(FloatingPointError, match=r"loss is (inf|nan) at epoch 1 step 0; lower lr or use amp=none"):
         train(config(data, tmp_path / "bf", epochs=1))
+
+
+def test_auto_amp_is_recorded_and_kept_on_resume(data, tmp_path, monkeypatch, capsys):
+    from tpsvit.train import engine
+
+    out = tmp_path / "auto"
+    train(config(data, out, epochs=1, amp="auto"))
+    assert torch.load(out / "last.pt", weights_only=False)["amp"] == "none"
+    # resumed on "a GPU": the resolver would now pick bf16, the run keeps its fp32 arithmetic
+    monkeypatch.setattr(engine, "_resolve_amp", lambda amp, device: torch.bfloat16)
+    capsys.readouterr()
+    train(config(data, out, epochs=2, amp="auto", resume=True))
+    assert "amp off" in capsys.readouterr().err
+    assert torch.load(out / "last.pt", weights_only=False)["amp"] == "none"

@@ -150,6 +150,13 @@ def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return choose_amp(amp, device.type, capability)
 
 
+_AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _amp_name(dtype: torch.dtype | None) -> str:
+    return next(name for name, value in _AMP_DTYPES.items() if value == dtype)
+
+
 def _machine(device: torch.device) -> str:
     what = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads"
     if device.type == "cuda":
@@ -174,6 +181,9 @@ class Run:
             raise InvalidArgumentError(f"mixup/cutmix need an even per-rank batch, got {self.per_rank}; change "
                                        "batch_size or set mixup=0 cutmix=0")
         self.amp = _resolve_amp(cfg.amp, info.device)
+        if self.state is not None and cfg.amp == "auto" and "amp" in self.state:
+            # keep the arithmetic the run started with (a run begun on CPU and resumed on a GPU stays fp32)
+            self.amp = _AMP_DTYPES[self.state["amp"]]
         raw = distributed.main_first(info, lambda: find_data(cfg))  # rank 0 downloads / unpacks first
         models = build_models(cfg, len(raw.classes))
         print_notes(models.notes, info.is_main)
@@ -495,6 +505,7 @@ class Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "amp": _amp_name(self.amp),  # the resolved choice: `amp: auto` keeps it on resume
             "epoch": epoch,
             "step_in_epoch": step,
             "global_step": self.global_step,
