@@ -406,7 +406,10 @@ class Run:
                     with self._autocast():
                         logits, features = self.net(x)
                         terms = self._losses(x, logits, features, target)
-                    finite = bool(torch.isfinite(terms["total"]))
+                    # one host sync per micro-step for every logged term (not one per term plus the check)
+                    values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(),
+                                      strict=True))
+                    finite = math.isfinite(values["total"])
                     if not finite:
                         nonfinite = True
                         if not scaling or self.nonfinite_streak + 1 >= MAX_NONFINITE_STEPS:
@@ -415,8 +418,8 @@ class Run:
             except OUT_OF_MEMORY as err:
                 raise InvalidArgumentError(self.out_of_memory_message()) from err
             if finite:  # a non-finite micro-step (fp16: skipped by the scaler) stays out of the logged means
-                for key, value in terms.items():
-                    sums[key] += float(value.detach()) / accum
+                for key, value in values.items():
+                    sums[key] += value / accum
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
