@@ -32,11 +32,12 @@ import torch
 import tpsvit
 from tpsvit.assets import demo_checkpoint
 from tpsvit.budget import Variant, plan_variants
-from tpsvit.data import ClutteredFashionMNIST, FashionMNIST
+from tpsvit.data import embedded_dataset
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs
 from tpsvit.loading import load_model
 from tpsvit.methods import METHODS, get_method
 from tpsvit.train import train
+from tpsvit.train.recipe import parse_set, resolve
 
 RECIPES = {"fashion-mnist-cluttered": "cluttered-finetune", "fashion-mnist": "fmnist-finetune"}
 SCORER_ORDER = ("default", "auto", "random")  # row order within a budget: fixed schedule, best schedule, random
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluation_data(args) -> tuple[torch.Tensor, torch.Tensor]:
-    kind = ClutteredFashionMNIST if args.data == "fashion-mnist-cluttered" else FashionMNIST
+    kind = embedded_dataset(args.data)
     if args.eval_on == "calibration":
         if args.train_limit > CALIBRATION.start:
             raise SystemExit(f"--train-limit {args.train_limit} overlaps the calibration images (50,000 on)")
@@ -88,13 +89,11 @@ def run_key(variant: Variant, scorer: str, seed: int) -> str:
     return f"{variant.label}|{scorer}|seed{seed}"
 
 
-def fine_tune(args, variant: Variant, scorer: str, seed: int) -> torch.nn.Module:
-    """One run of the shared recipe for a variant; returns the fine-tuned model."""
-    from tpsvit.train.recipe import parse_set
-
+def fine_tune(args, variant: Variant, scorer: str, seed: int, depth: int) -> torch.nn.Module:
+    """One run of the shared recipe for a variant of a ``depth``-block model; returns the fine-tuned model."""
     tag = f"{variant.method}{'-random' if scorer == 'random' else ''}-{variant.budget.split()[0].rstrip('%')}"
-    overrides = {"recipe": RECIPES[args.data], "checkpoint": args.checkpoint, "method": variant.method,
-                 "locations": list(variant.locations or range(12)), "epochs": args.epochs, "scorer": scorer,
+    overrides = {"checkpoint": args.checkpoint, "method": variant.method,
+                 "locations": list(variant.locations or range(depth)), "epochs": args.epochs, "scorer": scorer,
                  "limit": args.train_limit, "val_limit": 500, "seed": seed, "threads": args.threads,
                  "out": f"{args.out}/{tag}-seed{seed}", "predictor_init": args.predictor_init,
                  "predictor_loss": args.predictor_loss, **parse_set(args.set)}
@@ -104,10 +103,7 @@ def fine_tune(args, variant: Variant, scorer: str, seed: int) -> torch.nn.Module
         overrides.update(keep_rate=variant.keep_rate)
     if not get_method(variant.method).learned:
         overrides["keep_ratio_weight"] = 0.0
-    recipe = overrides.pop("recipe")
-    from tpsvit.train.recipe import resolve
-
-    cfg = resolve(recipe, overrides)
+    cfg = resolve(RECIPES[args.data], overrides)
     return train(cfg, command="benchmarks/reproduction.py " + " ".join(sys.argv[1:]))["model"]
 
 
@@ -152,7 +148,7 @@ def main(argv=None) -> int:
                 torch.manual_seed(seed)
                 values["off_the_shelf"] = evaluate_many({"m": shelf}, data, batch_size=500, progress=False)["m"]["top1"]
             if not args.no_finetune:
-                tuned = fine_tune(args, variant, scorer, seed).eval()
+                tuned = fine_tune(args, variant, scorer, seed, len(base.blocks)).eval()
                 torch.manual_seed(seed)
                 values["fine_tuned"] = evaluate_many({"m": tuned}, data, batch_size=500, progress=False)["m"]["top1"]
             record(key, **values)
@@ -169,7 +165,7 @@ def main(argv=None) -> int:
 
 def auto_rows(args, base, variants, data, runs: dict, record) -> None:
     """Off-the-shelf rows at the best schedule :func:`tpsvit.plan` finds on training images, per method and budget."""
-    kind = ClutteredFashionMNIST if args.data == "fashion-mnist-cluttered" else FashionMNIST
+    kind = embedded_dataset(args.data)
     calib = kind(train=True, limit=args.calib_images).tensors()
     for variant in variants:
         key = f"{variant.label}|auto"

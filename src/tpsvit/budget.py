@@ -203,8 +203,7 @@ class Variant:
         rate = list(self.keep_rate) if isinstance(self.keep_rate, tuple) else self.keep_rate
         return {"label": self.label, "method": self.method, "keep_rate": rate, "r": self.r,
                 "locations": None if self.locations is None else list(self.locations), "blocks": self.blocks,
-                "budget": self.budget,
-                "scorer": self.scorer}
+                "budget": self.budget, "scorer": self.scorer}
 
 
 def plan_variants(model, methods: Sequence[str] = ("etps",), keep_rates: Sequence[float] = (0.7,),

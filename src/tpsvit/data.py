@@ -8,6 +8,7 @@ ImageFolder trees (``root/<class>/<image>``, e.g. ImageNet val) use torchvision 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import os
 import sys
@@ -173,6 +174,7 @@ class FashionMNIST(Dataset):
     """
 
     classes = list(FASHION_MNIST_CLASSES)
+    title, slug = "Fashion-MNIST", "fashion-mnist"  # for descriptions, and as the name ``build_dataset`` takes
 
     def __init__(self, root: str | os.PathLike | None = None, train: bool = True,
                  transform: Callable | None = None, limit: int | None = None):
@@ -221,25 +223,45 @@ class ClutteredFashionMNIST(FashionMNIST):
     """Fashion-MNIST garments on a larger canvas among clutter (see :mod:`tpsvit.cluttered`).
 
     ``images`` are the split's fixed cluttered composition (uint8, N x canvas x canvas; the test split's is the
-    benchmark, the training split's is for calibration and evaluation); ``garments`` are the 28x28 originals that
-    training composes anew per batch (:meth:`compose`). ``limit`` keeps the first N of the fixed composition.
+    benchmark, the training split's is for calibration and evaluation), composed on first use; ``garments`` are the
+    28x28 originals that training composes anew per batch (:meth:`compose`). ``limit`` keeps the first N of the
+    fixed composition.
     """
+
+    title, slug = "cluttered Fashion-MNIST", "fashion-mnist-cluttered"
 
     def __init__(self, root: str | os.PathLike | None = None, train: bool = True,
                  transform: Callable | None = None, limit: int | None = None, spec=None):
-        from tpsvit.cluttered import TEST_SEED, TRAIN_VIEW_SEED, ClutterSpec, compose_fixed
+        from tpsvit.cluttered import ClutterSpec
 
         _check_limit(limit)
         super().__init__(root, train, transform, None)
         self.spec = spec or ClutterSpec()
-        self.garments = self.images
-        composed = compose_fixed(self.garments, TRAIN_VIEW_SEED if train else TEST_SEED, self.spec)
-        self.images, self.labels = composed[:limit], self.labels[:limit]
-        self.garments = self.garments[:limit] if train else self.garments
+        self._all_garments = self.__dict__.pop("images")  # the whole split: the fixed composition draws clutter from it
+        self._limit = limit
+        self.labels = self.labels[:limit]
+        self.garments = self._all_garments[:limit] if train else self._all_garments
+
+    @functools.cached_property
+    def images(self) -> torch.Tensor:
+        from tpsvit.cluttered import TEST_SEED, TRAIN_VIEW_SEED, compose_fixed
+
+        seed = TRAIN_VIEW_SEED if self.train else TEST_SEED
+        return compose_fixed(self._all_garments, seed, self.spec)[: self._limit]
 
     def compose(self, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """A fresh cluttered uint8 batch (B, canvas, canvas) of the garments ``index`` (random flip, new clutter)."""
         return self.spec.compose(self.garments[index], self.garments, gen, flip=True)
+
+
+def embedded_dataset(name: str) -> type[FashionMNIST]:
+    """The class of an embedded dataset by name: 'fashion-mnist' (or 'fmnist') or 'fashion-mnist-cluttered'."""
+    key = str(name).lower()
+    if key in CLUTTERED_NAMES:
+        return ClutteredFashionMNIST
+    if key in FASHION_MNIST_NAMES:
+        return FashionMNIST
+    raise DatasetError(f"{name!r} is not an embedded dataset; allowed: fashion-mnist, fashion-mnist-cluttered")
 
 
 # ----------------------------------------------------------------------------------------------- transforms

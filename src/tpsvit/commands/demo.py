@@ -21,7 +21,7 @@ from tpsvit.bench import environment, format_environment
 from tpsvit.budget import Variant, plan_variants
 from tpsvit.commands.evaluate import COLUMNS, auto_variant, weights_status
 from tpsvit.commands.flops import with_scorer
-from tpsvit.data import FASHION_MNIST_CLASSES, ClutteredFashionMNIST, FashionMNIST
+from tpsvit.data import FASHION_MNIST_CLASSES, embedded_dataset
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
 from tpsvit.flops import gmacs
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
     base, base_meta, tuned, tuned_meta = _models(args)
-    dataset = ClutteredFashionMNIST if args.data == "fashion-mnist-cluttered" else FashionMNIST
+    dataset = embedded_dataset(args.data)
     images, labels = dataset(root=args.data_dir, train=False).tensors()
     if args.limit is not None:
         if not 1 <= args.limit <= len(labels):

@@ -28,7 +28,7 @@ from tpsvit.commands.flops import (
     variants_from_args,
     with_scorer,
 )
-from tpsvit.data import DEFAULT_DATA_BY_INPUT, ClutteredFashionMNIST, FashionMNIST, build_dataset, num_classes_of
+from tpsvit.data import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset, num_classes_of
 from tpsvit.errors import DatasetError, InvalidArgumentError
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
 from tpsvit.flops import gmacs
@@ -118,8 +118,7 @@ def load_data(args: argparse.Namespace, model):
                             limit=args.limit)
     classes = num_classes_of(dataset)
     if isinstance(dataset, FashionMNIST):
-        name = "cluttered Fashion-MNIST" if isinstance(dataset, ClutteredFashionMNIST) else "Fashion-MNIST"
-        return dataset.tensors(), f"{name} {split} ({dataset.root})", classes
+        return dataset.tensors(), f"{dataset.title} {split} ({dataset.root})", classes
     if args.split is not None:
         raise InvalidArgumentError(f"--split {args.split} is for Fashion-MNIST; an ImageFolder tree ({data}) is one "
                                    "split: pass the folder of the split you want")

@@ -193,12 +193,6 @@ def _default_data(model: nn.Module) -> str:
     return DEFAULT_DATA_BY_INPUT.get(tuple(model_data_config(model)["input_size"]), "fashion-mnist")
 
 
-def _dataset_name(dataset) -> str:
-    from tpsvit.data import ClutteredFashionMNIST
-
-    return "fashion-mnist-cluttered" if isinstance(dataset, ClutteredFashionMNIST) else "fashion-mnist"
-
-
 def dataset_samples(data: str, split: str, index: list[int] | None, samples: int | None, model: nn.Module) -> dict:
     """Samples of a dataset -> ``visualize`` keyword arguments (names, true labels, class names, mean/std)."""
     from tpsvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, build_dataset
@@ -226,7 +220,7 @@ def dataset_samples(data: str, split: str, index: list[int] | None, samples: int
     classes = list(dataset.classes)
     same_classes = int(getattr(model, "num_classes", 0)) == len(classes)
     labels = [label if same_classes else classes[label] for _, label in items]
-    prefix = f"{_dataset_name(dataset)}_{split}" if isinstance(dataset, FashionMNIST) else Path(data).name
+    prefix = f"{dataset.slug}_{split}" if isinstance(dataset, FashionMNIST) else Path(data).name
     return {
         "images": torch.stack([image for image, _ in items]),
         "names": [f"{prefix}_{i}" for i in index],

@@ -31,6 +31,7 @@ from tpsvit.data import (
     FASHION_MNIST_STD,
     ClutteredFashionMNIST,
     FashionMNIST,
+    embedded_dataset,
     find_fashion_mnist,
     grey_imagefolder_transform,
     image_folder,
@@ -255,16 +256,15 @@ def find_data(cfg) -> RawData:
         if cfg.augment == "deit":
             raise InvalidArgumentError("augment=deit needs an ImageFolder dataset; Fashion-MNIST takes augment=fmnist "
                                        "(crop + flip on tensors) or none")
-        cluttered = cfg.data.lower() in CLUTTERED_NAMES
-        root = None if cfg.data.lower() in FASHION_MNIST_NAMES + CLUTTERED_NAMES else Path(cfg.data).expanduser()
-        kind = ClutteredFashionMNIST if cluttered else FashionMNIST
+        named = cfg.data.lower() in FASHION_MNIST_NAMES + CLUTTERED_NAMES
+        root = None if named else Path(cfg.data).expanduser()
+        kind = embedded_dataset(cfg.data) if named else FashionMNIST
         train_set = kind(root, train=True, limit=cfg.limit)
         test_set = kind(root, train=False, limit=cfg.val_limit)
         if len(train_set) == 0 or len(test_set) == 0:
             raise DatasetError(f"Fashion-MNIST files in {train_set.root} hold no images")
-        name = "cluttered Fashion-MNIST" if cluttered else "Fashion-MNIST"
         return RawData("tensors", train_set, test_set, list(FASHION_MNIST_CLASSES),
-                       f"{name} {train_set.root} ({len(train_set)} train / {len(test_set)} test images)")
+                       f"{kind.title} {train_set.root} ({len(train_set)} train / {len(test_set)} test images)")
     if cfg.augment == "fmnist":
         raise InvalidArgumentError(f"augment=fmnist is for Fashion-MNIST; {cfg.data!r} takes augment=deit or none")
     train_root, val_root = _folder_roots(Path(cfg.data).expanduser(), cfg.train_split, cfg.val_split)
@@ -289,17 +289,21 @@ def build_data(cfg, raw: RawData, model, rank: int, world: int, batch_size: int,
     img_size = int(cfg.img_size or model.patch_embed.img_size[0])
     in_chans = int(model.patch_embed.proj.in_channels)
     if raw.kind == "tensors":
-        x, y = raw.train.tensors()
         xt, yt = raw.eval.tensors()
-        augment = None
         if cfg.augment == "fmnist" and isinstance(raw.train, ClutteredFashionMNIST):
+            # every batch is composed anew from the garments: the split's fixed composition is never needed
+            x, y = None, raw.train.labels
+
             def augment(index, gen, dataset=raw.train):
                 return normalize_uint8(dataset.compose(index, gen))
-        elif cfg.augment == "fmnist":
-            fill = -FASHION_MNIST_MEAN / FASHION_MNIST_STD  # a black pixel after normalisation
+        else:
+            x, y = raw.train.tensors()
+            augment = None
+            if cfg.augment == "fmnist":
+                fill = -FASHION_MNIST_MEAN / FASHION_MNIST_STD  # a black pixel after normalisation
 
-            def augment(index, gen):
-                return crop_flip(x[index], 2, gen, fill)
+                def augment(index, gen):
+                    return crop_flip(x[index], 2, gen, fill)
         train = TensorBatches(x, y, batch_size, rank, world, cfg.seed, True, augment, img_size, in_chans)
         test = TensorBatches(xt, yt, eval_batch, rank, world, cfg.seed, False, None, img_size, in_chans)
         return DataBundle(train, test, raw.classes, raw.description)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import tpsvit
-from tpsvit.data import resize_and_expand
+from tpsvit.data import normalize_uint8, resize_and_expand
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
 from tpsvit.flops import counted_gmacs, gmacs
 from tpsvit.loading import save_checkpoint
@@ -224,10 +224,10 @@ class Run:
             raise InvalidArgumentError("schedule=auto in train calibrates on in-memory (Fashion-MNIST) data; for an "
                                        "ImageFolder run `tpsvit eval --schedule auto --calib-data DIR` and set the "
                                        "locations and keep rate it prints")
-        images, labels = raw.train.tensors()
         size = int(cfg.img_size or self.model.patch_embed.img_size[0])
-        calib = (resize_and_expand(images[: cfg.calib_images], size, self.model.patch_embed.proj.in_channels),
-                 labels[: cfg.calib_images])
+        images = normalize_uint8(raw.train.images[: cfg.calib_images])  # only the calibration images, not the split
+        calib = (resize_and_expand(images, size, self.model.patch_embed.proj.in_channels),
+                 raw.train.labels[: cfg.calib_images])
         schedule = tpsvit.plan(self.model, cfg.method, cfg.budget, data=calib, img_size=cfg.img_size,
                                fixed_locations=tuple(cfg.locations))
         tpsvit.patch(self.model, **schedule.patch_kwargs())
