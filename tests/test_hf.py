@@ -35,6 +35,11 @@ def build(kind: str):
         model, prefix = t.Dinov2WithRegistersModel(config), 5
     elif kind == "clip":
         model, prefix = t.CLIPVisionModel(t.CLIPVisionConfig(**SMALL)), 1
+    elif kind == "dinov2_backbone":
+        model, prefix = t.Dinov2Backbone(t.Dinov2Config(**SMALL, out_features=["stage2", "stage4"])), 1
+    elif kind == "registers_backbone":
+        config = t.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4, out_features=["stage1", "stage3"])
+        model, prefix = t.Dinov2WithRegistersBackbone(config), 5
     elif kind == "siglip":
         model, prefix = t.SiglipVisionModel(t.SiglipVisionConfig(**SMALL)), 0
     else:  # pragma: no cover
@@ -200,19 +205,81 @@ def test_siglip_uses_the_class_free_scorer():
 
 
 def test_unsupported_transformers_class_names_the_supported_ones():
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=32))
+    with pytest.raises(tpsvit.UnsupportedModelError, match="BertModel.*supported transformers classes: ViTModel"):
+        tpsvit.patch(bert)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "dinov2_backbone"])
+@pytest.mark.parametrize("method", [None, *ALL])
+def test_gmacs_match_the_flop_counter(kind, method):
+    """The analytic count covers each family's embedding, layers and head (SigLIP's attention pool, DINOv2's
+    two-token classifier, DeiT's two heads, ViT's pooler, CLIP's projection) and equals FlopCounterMode's."""
+    from tpsvit.flops import counted_gmacs
+
+    model, _ = build(kind)
+    if method is not None:
+        patch(model, method, 0.5)
+    analytic, counted = tpsvit.gmacs(model), counted_gmacs(model)
+    assert analytic == pytest.approx(counted, rel=1e-4)
+    if method is not None:
+        assert analytic < 0.75 * counted_gmacs(tpsvit.unpatch(model))
+
+
+@pytest.mark.parametrize("kind", ["dinov2_backbone", "registers_backbone"])
+def test_backbone_feature_maps_keep_the_full_grid(kind, images):
+    model, _ = build(kind)
+    with torch.no_grad():
+        reference = model(pixel_values=images).feature_maps
+        hooks = {name: list(m._forward_hooks.values()) for name, m in model.named_modules()}  # transformers' own
+        for method in ALL:
+            patch(model, method, 1.0)
+            for got, want in zip(model(pixel_values=images).feature_maps, reference, strict=True):
+                torch.testing.assert_close(got, want, atol=0, rtol=0)
+            patch(model, method, 0.5)
+            maps = model(pixel_values=images).feature_maps
+            assert [m.shape for m in maps] == [m.shape for m in reference]
+            assert all(torch.isfinite(m).all() for m in maps)
+            tpsvit.unpatch(model)
+            assert {name: list(m._forward_hooks.values()) for name, m in model.named_modules()} == hooks
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_backbone_last_stage_is_the_restored_tokens_of_the_base_model(method, images):
+    """Dinov2Backbone's last feature map equals tpsvit.restore of the patched Dinov2Model's tokens (same weights)."""
+    torch.manual_seed(0)
     config = transformers.Dinov2Config(**SMALL, out_features=["stage4"])
-    backbone = transformers.Dinov2Backbone(config)
-    with pytest.raises(tpsvit.UnsupportedModelError, match="Dinov2Backbone.*supported transformers classes: ViTModel"):
-        tpsvit.patch(backbone, "etps")
-    with pytest.raises(tpsvit.UnsupportedModelError, match="BertModel.*supported"):
-        tpsvit.patch(transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
-                                                                    num_attention_heads=2, intermediate_size=32)))
+    backbone, base = transformers.Dinov2Backbone(config).eval(), transformers.Dinov2Model(config).eval()
+    base.load_state_dict(backbone.state_dict(), strict=False)
+    for model in (backbone, base):
+        patch(model, method, 0.5)
+    if method in ("dtps", "dynamicvit"):
+        base.tps_predictors.load_state_dict(backbone.tps_predictors.state_dict())
+    with torch.no_grad(), tpsvit.tracing(base) as trace, tpsvit.tracing(backbone) as own:
+        tokens = base(pixel_values=images).last_hidden_state  # after the final layernorm, as the feature maps
+        feature_map = backbone(pixel_values=images).feature_maps[-1]
+    _, grid = tpsvit.restore(tokens, trace)
+    assert len(own.locations) == len(LOCATIONS)  # the user's trace still records the backbone's passes
+    with torch.no_grad():  # and once it ends, the backbone's own trace is back
+        torch.testing.assert_close(backbone(pixel_values=images).feature_maps[-1], feature_map, atol=0, rtol=0)
+    expected = grid.reshape(2, 8, 8, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(feature_map, expected, atol=1e-5, rtol=1e-5)
+    if method == "dynamicvit":
+        assert (grid == 0).all(dim=-1).any()  # dropped patches are zeros
 
 
-def test_gmacs_say_they_are_not_modelled_for_hf_models():
-    model, _ = build("vit")
-    with pytest.raises(tpsvit.UnsupportedModelError, match="not modelled for transformers ViT"):
-        tpsvit.gmacs(model, img_size=32)
-    patch(model, "etps", 0.5)
-    with pytest.raises(tpsvit.UnsupportedModelError, match="FlopCounterMode"):
-        tpsvit.gmacs(model, img_size=32)
+@pytest.mark.parametrize(("kind", "method"), [
+    ("vit", "etps"), ("vit_model", "tome"), ("deit_teacher", "evit"), ("dinov2", "dtps"),
+    ("dinov2_registers", "dynamicvit"), ("clip", "tome"), ("siglip", "etps"), ("dinov2_backbone", "etps"),
+])
+def test_compile_fullgraph_matches_eager(kind, method, images):
+    model, _ = build(kind)
+    patch(model, method, 0.5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    with torch.no_grad():
+        expected, got = model(pixel_values=images), compiled(pixel_values=images)
+    for key, value in expected.items():
+        for want, have in zip(value if isinstance(value, tuple) else (value,),
+                              got[key] if isinstance(value, tuple) else (got[key],), strict=True):
+            torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)

@@ -106,13 +106,14 @@ def format_environment(env: dict) -> str:
 
 def input_size(model: nn.Module, img_size=None, in_chans: int | None = None) -> tuple[int, int, int]:
     """(channels, height, width) of the model's input; ``img_size`` / ``in_chans`` override what the model says."""
-    embed = getattr(model, "patch_embed", None)
-    if img_size is None:
-        img_size = getattr(embed, "img_size", None)
-    if in_chans is None:
-        in_chans = getattr(getattr(embed, "proj", None), "in_channels", None)
+    from tpsvit.families import family_of
+
     if img_size is None or in_chans is None:
-        raise InvalidArgumentError("cannot tell this model's input size; pass img_size and in_chans")
+        built_for = family_of(model).input_size(model)
+        if built_for is None:
+            raise InvalidArgumentError("cannot tell this model's input size; pass img_size and in_chans")
+        img_size = built_for[1:] if img_size is None else img_size
+        in_chans = built_for[0] if in_chans is None else in_chans
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     return int(in_chans), int(h), int(w)
 

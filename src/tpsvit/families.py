@@ -31,7 +31,6 @@ class Family:
     name = ""
     block_mixin: type = object  # mixed into each block class; calls runtime.attend / runtime.reduce
     model_mixin: type | None = None  # mixed into the model class; None: timm's (tpsvit.patch._TPSModel)
-    gmacs_modelled = True  # tpsvit.flops reads the model's shape (timm attribute names)
 
     def matches(self, model: nn.Module) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -62,6 +61,40 @@ class Family:
     def grid_size(self, model: nn.Module) -> tuple[int, int] | None:
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         return tuple(int(g) for g in grid) if grid is not None else None
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
+        """(channels, height, width) of the images the model was built for; None when it cannot tell."""
+        embed = getattr(model, "patch_embed", None)
+        size = getattr(embed, "img_size", None)
+        chans = getattr(getattr(embed, "proj", None), "in_channels", None)
+        if size is None or chans is None:
+            return None
+        return int(chans), int(size[0]), int(size[1])
+
+    # ---- what tpsvit.flops counts
+
+    def patch_projection(self, model: nn.Module) -> nn.Module | None:
+        """The patch embedding's projection (an ``nn.Conv2d`` for the MAC count)."""
+        return getattr(getattr(model, "patch_embed", None), "proj", None)
+
+    def attention_shape(self, block: nn.Module) -> tuple[int, int]:
+        """(heads, head_dim) of the block's attention."""
+        return int(block.attn.num_heads), int(block.attn.head_dim)
+
+    def block_parts(self, block: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        """(the attention, the MLP's modules): their linear layers run once per token each."""
+        return block.attn, [block.mlp]
+
+    def head_parts(self, model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+        """(modules run once per image on the pooled token(s), an attention-pool head over all tokens or None)."""
+        heads = [getattr(model, name, None) for name in ("head", "head_dist")]
+        return [h for h in heads if isinstance(h, nn.Module)], getattr(model, "attn_pool", None)
+
+    def attach(self, model: nn.Module, runtime) -> None:
+        """Called once the model is patched (model-level hooks); :meth:`detach` undoes it before unpatching."""
+
+    def detach(self, model: nn.Module) -> None:
+        """Undo :meth:`attach`."""
 
     def install(self, block: nn.Module) -> None:
         """Start capturing what :meth:`query_key` needs from this block's attention (at scored locations only)."""

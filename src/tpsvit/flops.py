@@ -1,4 +1,5 @@
-"""Analytic GMACs of a timm ViT, patched or not, from the tokens each block really sees; and a flop-counter check.
+"""Analytic GMACs of a ViT (timm or Hugging Face), patched or not, from the tokens each block really sees; and a
+flop-counter check.
 
 What is counted (multiply-accumulates per image, the convention of the token-reduction literature):
 
@@ -98,57 +99,67 @@ def _img_hw(img_size) -> tuple[int, int]:
 
 
 def vit_shape(model: nn.Module, img_size=None) -> ViTShape:
-    """Read the shape of a timm VisionTransformer or Eva (works on the ``meta`` device: no forward pass).
+    """Read the shape of a model tpsvit can patch (works on the ``meta`` device: no forward pass).
 
     ``img_size`` (int or (H, W)) overrides the model's input size; default: the size the model was built for.
     """
     from tpsvit.families import family_of
 
-    family = family_of(model)  # timm VisionTransformer or Eva, else an error saying why
-    if not family.gmacs_modelled:
-        raise UnsupportedModelError(
-            f"analytic GMACs are not modelled for {family.name} models yet (their heads and embeddings differ from "
-            "timm's); count them with torch.utils.flop_counter.FlopCounterMode on one forward pass (FLOPs / 2)"
-        )
-    pool = getattr(model, "attn_pool", None)
-    pool_token_macs = pool_fixed_macs = 0
-    if pool is not None:
-        if getattr(pool, "pos_embed", None) is not None or not hasattr(pool, "kv"):
-            raise UnsupportedModelError(
-                f"GMACs of this attention-pool head ({type(pool).__name__}) are not modelled"
-            )
-        latent = int(pool.latent_len)
-        pool_token_macs = _linear_macs(pool.kv) + 2 * latent * int(pool.kv.in_features)
-        pool_fixed_macs = latent * (_linear_macs(pool.q) + _linear_macs(pool.proj) + _linear_macs(pool.mlp))
-    embed = model.patch_embed
-    proj = getattr(embed, "proj", None)
+    family = family_of(model)  # a supported family, else an error saying why
+    heads, pool = family.head_parts(model)
+    pool_token_macs, pool_fixed_macs = _pool_macs(pool)
+    proj = family.patch_projection(model)
     if not isinstance(proj, nn.Conv2d):
         raise UnsupportedModelError("GMACs are modelled for a convolutional patch embedding (no hybrid backbones)")
-    h, w = _img_hw(img_size if img_size is not None else embed.img_size)
+    if img_size is None:
+        built_for = family.input_size(model)
+        if built_for is None:
+            raise InvalidArgumentError(f"cannot tell the input size of {type(model).__name__}; pass img_size")
+        img_size = built_for[1:]
+    h, w = _img_hw(img_size)
     ph, pw = proj.stride
     if h < ph or w < pw:
         raise InvalidArgumentError(f"img_size {(h, w)} is smaller than one {ph}x{pw} patch")
     num_patches = ((h - proj.kernel_size[0]) // ph + 1) * ((w - proj.kernel_size[1]) // pw + 1)
     kernel = proj.in_channels // proj.groups * proj.kernel_size[0] * proj.kernel_size[1]
     blocks = family.blocks(model)
-    attn = blocks[0].attn
-    dim = int(model.embed_dim)
+    num_heads, head_dim = family.attention_shape(blocks[0])
+    parts = [family.block_parts(b) for b in blocks]
+    dim = family.embed_dim(model)
     half, quarter = dim // 2, dim // 4
     return ViTShape(
         depth=len(blocks),
         embed_dim=dim,
-        num_heads=int(attn.num_heads),
-        head_dim=int(attn.head_dim),
+        num_heads=num_heads,
+        head_dim=head_dim,
         num_prefix_tokens=family.num_prefix_tokens(model),
         num_patches=num_patches,
         embed_macs=num_patches * kernel * proj.out_channels,
-        attn_linear_macs=tuple(_linear_macs(b.attn) for b in blocks),
-        mlp_macs=tuple(_linear_macs(b.mlp) for b in blocks),
-        head_macs=_linear_macs(getattr(model, "head", None)) + _linear_macs(getattr(model, "head_dist", None)),
+        attn_linear_macs=tuple(_linear_macs(attn) for attn, _ in parts),
+        mlp_macs=tuple(sum(_linear_macs(m) for m in mlp) for _, mlp in parts),
+        head_macs=sum(_linear_macs(h) for h in heads),
         predictor_macs=dim * dim + dim * half + half * quarter + quarter * 2,
         pool_token_macs=pool_token_macs,
         pool_fixed_macs=pool_fixed_macs,
     )
+
+
+def _pool_macs(pool: nn.Module | None) -> tuple[int, int]:
+    """(per token, per image) MACs of an attention-pool head: timm's ``AttentionPoolLatent`` or a latent probe over
+    ``nn.MultiheadAttention`` (transformers' SigLIP head)."""
+    if pool is None:
+        return 0, 0
+    if hasattr(pool, "kv") and getattr(pool, "pos_embed", None) is None:  # timm AttentionPoolLatent
+        latent = int(pool.latent_len)
+        per_token = _linear_macs(pool.kv) + 2 * latent * int(pool.kv.in_features)
+        return per_token, latent * (_linear_macs(pool.q) + _linear_macs(pool.proj) + _linear_macs(pool.mlp))
+    attention, probe = getattr(pool, "attention", None), getattr(pool, "probe", None)
+    if isinstance(attention, nn.MultiheadAttention) and probe is not None and attention._qkv_same_embed_dim:
+        latent, dim = int(probe.shape[1]), int(attention.embed_dim)
+        # in_proj is a parameter, not a Linear: k and v for every token, q for the latent; out_proj and the MLP
+        # (the Linear layers inside the head) run on the latent only
+        return 2 * dim * dim + 2 * latent * dim, latent * (dim * dim + _linear_macs(pool))
+    raise UnsupportedModelError(f"GMACs of this attention-pool head ({type(pool).__name__}) are not modelled")
 
 
 def block_macs(shape: ViTShape, config: TPSConfig | None = None) -> list[BlockMACs]:
@@ -276,8 +287,9 @@ def counted_gmacs(model: nn.Module, img_size=None, in_chans: int | None = None, 
     from torch.utils.flop_counter import FlopCounterMode
 
     register_cpu_attention_formula()
-    h, w = _img_hw(img_size if img_size is not None else model.patch_embed.img_size)
-    chans = in_chans if in_chans is not None else model.patch_embed.proj.in_channels
+    from tpsvit.bench import input_size
+
+    chans, h, w = input_size(model, img_size, in_chans)
     reference = next(model.parameters())
     x = torch.randn(batch_size, chans, h, w, device=reference.device, dtype=reference.dtype)
     was_training = model.training

@@ -2,8 +2,9 @@
 
 Supported: ViT and DeiT (``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``, ``DeiTForImageClassification``,
 ``DeiTForImageClassificationWithTeacher``), DINOv2 with or without registers (``Dinov2Model``,
-``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel``, ``Dinov2WithRegistersForImageClassification``) and the
-CLIP / SigLIP vision towers (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``).
+``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel``, ``Dinov2WithRegistersForImageClassification`` and
+the ``Dinov2Backbone`` / ``Dinov2WithRegistersBackbone`` feature extractors) and the CLIP / SigLIP vision towers
+(``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``).
 
 How it works, without copying transformers code:
 
@@ -16,19 +17,24 @@ How it works, without copying transformers code:
   or ``query`` / ``key`` (transformers 4) linear layers, so no attention map is materialised;
 - these models add position embeddings once, before the first layer, and their heads read the class token (index 0),
   the mean of the patch tokens (DINOv2 classifiers) or pool by attention over all tokens (SigLIP), so a shorter
-  sequence runs through unchanged. Prefix tokens (class, DeiT's distillation token, DINOv2 registers) are protected.
+  sequence runs through unchanged. Prefix tokens (class, DeiT's distillation token, DINOv2 registers) are protected;
+- backbones reshape every stage's tokens to the patch grid: their encoder's hidden states are put back on the full
+  grid first (:func:`tpsvit.restore`: a pruned patch takes the feature of the token it went into), so the feature
+  maps keep their shape while the layers run on fewer tokens.
 """
 
 from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpsvit.errors import UnsupportedModelError
 from tpsvit.families import Family
 from tpsvit.patch import _Patched, masked_softmax_attention
+from tpsvit.trace import Trace, restore
 
 
 def _base_type(module: nn.Module) -> type:
@@ -77,6 +83,10 @@ _POOL_ALL = {
 }
 
 
+# backbones reshape every stage's tokens to the full patch grid: their hidden states are restored to it first
+_BACKBONES = ("Dinov2Backbone", "Dinov2WithRegistersBackbone")
+
+
 class _HFModel(_Patched):
     """Mixed into the transformers model: a fresh forward state per call of ``model(...)``."""
 
@@ -91,6 +101,26 @@ class _HFModel(_Patched):
                 "(e.g. Dinov2Model) with your own head, or run in eval mode"
             )
         return super().forward(*args, **kwargs)
+
+
+def _parent(model: nn.Module, child: nn.Module) -> nn.Module:
+    return next(m for m in model.modules() if any(c is child for c in m.children()))
+
+
+def _hidden_states_on_full_grid(module, args, output):
+    """Encoder hook of a patched backbone: each layer's output, restored to the full patch grid (:func:`restore`:
+    a pruned patch takes its host's feature, a dropped one zeros), so the backbone's feature maps keep their shape."""
+    runtime = module._tps_backbone_runtime
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is None or runtime.state is None or runtime.state.masked:
+        return output
+    blocks = [step.block for step in runtime.trace.locations]
+    restored = [hidden[0]]
+    for index, tokens in enumerate(hidden[1:]):
+        prefix, grid = restore(tokens, runtime.trace, upto=sum(1 for b in blocks if b <= index))
+        restored.append(torch.cat([prefix, grid], dim=1))
+    output.hidden_states = tuple(restored)
+    return output
 
 
 # ------------------------------------------------------------------------------------------------ attention parts
@@ -168,13 +198,29 @@ class HFFamily(Family):
 
     block_mixin = _HFBlock
     model_mixin = _HFModel
-    gmacs_modelled = False  # tpsvit.flops: a clear error for now (heads and embeddings differ per class)
     models: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
     norm1 = norm2 = ""
 
     def matches(self, model):
         return _base_type(model).__name__ in self.models
+
+    def attach(self, model, runtime):
+        """Backbones reshape each stage's tokens to the full grid: record every pass (a trace of the runtime's own,
+        kept under :func:`tpsvit.tracing`) and restore the encoder's hidden states to the grid."""
+        if _base_type(model).__name__ not in _BACKBONES:
+            return
+        runtime.trace = Trace()
+        encoder = _parent(model, _parent(model, self.blocks(model)[0]))  # the module that runs the layer list
+        encoder._tps_backbone_runtime = runtime
+        encoder.register_forward_hook(_hidden_states_on_full_grid)
+
+    def detach(self, model):
+        for module in model.modules():
+            if module.__dict__.pop("_tps_backbone_runtime", None) is not None:
+                hooks = module._forward_hooks
+                for key in [k for k, fn in hooks.items() if fn is _hidden_states_on_full_grid]:
+                    del hooks[key]
 
     def check(self, model):
         self.blocks(model)
@@ -226,8 +272,43 @@ class HFFamily(Family):
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
         return (int(size[0]) // int(patch[0]), int(size[1]) // int(patch[1]))
 
+    def input_size(self, model):
+        config = self._config(model)
+        size = config.image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(config.num_channels), int(h), int(w)
+
     def embed_dim(self, model):
         return int(self._config(model).hidden_size)
+
+    # ---- what tpsvit.flops counts
+
+    def patch_projection(self, model):
+        emb = self._embeddings(model)
+        patches = getattr(emb, "patch_embeddings", None)
+        return getattr(patches, "projection", None) if patches is not None else emb.patch_embedding
+
+    def attention_shape(self, block):
+        inner = _self_attention(block)
+        head_dim = _head_dim(inner)
+        return _proj(inner, "q").out_features // head_dim, head_dim
+
+    def block_parts(self, block):
+        if hasattr(block, "mlp"):
+            return _attention(block), [block.mlp]
+        return _attention(block), [block.intermediate, block.output]  # transformers 4 ViT / DeiT
+
+    def head_parts(self, model):
+        """Every module outside the embeddings and the layers runs on the pooled token(s) (classifiers, ViT's pooler,
+        CLIP's projection), except an attention-pool head over all tokens (SigLIP's ``head``)."""
+        from tpsvit.patch import PREDICTORS
+
+        pool = next((m for m in model.modules() if isinstance(getattr(m, "attention", None), nn.MultiheadAttention)
+                     and hasattr(m, "probe")), None)
+        skip = {id(m) for part in (self._embeddings(model), pool, getattr(model, PREDICTORS, None), *self.blocks(model))
+                if part is not None for m in part.modules()}
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in skip]
+        return heads, pool
 
     def attn_scale(self, block):
         inner = _self_attention(block)
@@ -326,7 +407,7 @@ class HFDinov2Family(HFFamily):
     name = "transformers DINOv2"
     models = (
         "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
-        "Dinov2WithRegistersForImageClassification",
+        "Dinov2WithRegistersForImageClassification", *_BACKBONES,
     )
     layers = ("Dinov2Layer", "Dinov2WithRegistersLayer")
     norm1, norm2 = "norm1", "norm2"
@@ -354,12 +435,6 @@ class HFCLIPFamily(HFFamily):
 HF_FAMILIES: tuple[Family, ...] = (HFViTFamily(), HFDinov2Family(), HFCLIPFamily())
 SUPPORTED = tuple(name for family in HF_FAMILIES for name in family.models)
 
-REFUSED = {
-    "Dinov2Backbone": "its feature maps reshape every stage's tokens to the full patch grid",
-    "Dinov2WithRegistersBackbone": "its feature maps reshape every stage's tokens to the full patch grid",
-}
-
-
 def refuse_hf(model: nn.Module) -> None:
     """Raise the one-line error for a transformers model that no HF family supports (no-op for other models)."""
     try:
@@ -368,10 +443,7 @@ def refuse_hf(model: nn.Module) -> None:
         return
     if not isinstance(model, PreTrainedModel):
         return
-    name = _base_type(model).__name__
-    why = ""
-    if name in REFUSED:
-        why = f" ({REFUSED[name]}; patch its base model and rebuild the grid with tpsvit.restore)"
     raise UnsupportedModelError(
-        f"tpsvit cannot patch transformers {name}{why}; supported transformers classes: {', '.join(SUPPORTED)}"
+        f"tpsvit cannot patch transformers {_base_type(model).__name__}; supported transformers classes: "
+        f"{', '.join(SUPPORTED)}"
     )

@@ -378,6 +378,7 @@ def patch(
             object.__setattr__(block, "_tps_predictor", predictors[str(index)])  # not registered: no duplicate keys
         if captures and index in config.locations:
             family.install(block)
+    family.attach(model, runtime)
     return model
 
 
@@ -386,6 +387,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         return model
     family = model._tps_runtime.family
+    family.detach(model)
     for block in family.blocks(model):
         block.__class__ = block._tps_base
         for name in ("_tps_runtime", "_tps_index", "_tps_placement", "_tps_predictor"):
@@ -432,12 +434,12 @@ def tracing(model: nn.Module) -> Iterator[Trace]:
     >>> trace.locations[0].kept, trace.locations[0].host
     """
     runtime = _runtime(model)
-    trace = Trace()
+    trace, before = Trace(), runtime.trace
     runtime.trace = trace
     try:
         yield trace
     finally:
-        runtime.trace = None
+        runtime.trace = before
 
 
 def _runtime(model: nn.Module) -> _Runtime:

@@ -87,12 +87,14 @@ class Trace:
         return assign
 
 
-def restore(tokens: Tensor, trace: Trace) -> tuple[Tensor, Tensor]:
+def restore(tokens: Tensor, trace: Trace, upto: int | None = None) -> tuple[Tensor, Tensor]:
     """Rebuild the full patch grid from the final tokens of a traced forward pass.
 
     Args:
         tokens: (B, num_prefix + N_final, C), e.g. ``model.forward_features(x)`` of the traced pass.
         trace: the :class:`Trace` recorded for that pass.
+        upto: the tokens are those after the first ``upto`` locations of the trace (an intermediate layer's
+            output); default: after all of them.
 
     Returns:
         ``(prefix, grid)``: prefix tokens (B, num_prefix, C) and (B, num_patches, C) where every patch takes the
@@ -101,15 +103,16 @@ def restore(tokens: Tensor, trace: Trace) -> tuple[Tensor, Tensor]:
     """
     trace._check_usable()
     prefix, patches = tokens[:, : trace.num_prefix], tokens[:, trace.num_prefix :]
-    if not trace.locations:
+    steps = trace.locations if upto is None else trace.locations[:upto]
+    if not steps:
         return prefix, patches
-    expected = trace.locations[-1].num_out
+    expected = steps[-1].num_out
     if patches.shape[1] != expected:
         raise ValueError(
-            f"tokens hold {patches.shape[1]} patch tokens but the trace ends with {expected}; pass the tokens of "
-            "the same forward pass that was traced"
+            f"tokens hold {patches.shape[1]} patch tokens but the trace has {expected} after location "
+            f"{len(steps)}; pass the tokens of the same forward pass that was traced"
         )
-    assign = trace.assignment()
+    assign = trace.assignment(upto)
     index = assign.clamp(min=0).unsqueeze(-1).expand(-1, -1, patches.shape[-1])
     grid = patches.gather(1, index) * (assign >= 0).unsqueeze(-1).to(patches.dtype)
     return prefix, grid
