@@ -48,6 +48,7 @@ def test_set_values_are_yaml_and_override_the_recipe():
     ({"learning_rate": 1}, "unknown key 'learning_rate'.*valid keys: model, model_kwargs"),
     ({"method": "prune"}, "method='prune'.*none, etps, dtps, evit, dynamicvit, tome"),
     ({"epochs": 0}, "epochs=0.*an integer"),
+    ({"log_every": 0}, "log_every=0.*an integer"),
     ({"lr": -1.0}, "lr=-1.0"),
     ({"amp": "fp8"}, "amp='fp8'.*auto, none, bf16, fp16"),
     ({"budget": 1.5}, "budget=1.5"),

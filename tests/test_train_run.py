@@ -408,15 +408,21 @@ def _fp16_with_bad_steps(monkeypatch, bad):
 def test_fp16_skipped_step_holds_the_lr_schedule(data, tmp_path, monkeypatch):
     import warnings
 
+    from tpsvit.train import engine
+
     seen = _fp16_with_bad_steps(monkeypatch, {1, 2})
+    to_host, reads = engine._to_host, []
+    monkeypatch.setattr(engine, "_to_host", lambda values: reads.append(values.shape) or to_host(values))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = train(config(data, tmp_path / "fp16", epochs=1))
+        result = train(config(data, tmp_path / "fp16", epochs=1, log_every=4))
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
     assert result["global_step"] == 10
     assert seen[1][2] == seen[0][2] / 2 and seen[2][2] == seen[0][2] / 4  # the scaler skipped steps 1 and 2
     assert [s[1] for s in seen] == [1, 1, 1, 2, 3, 4, 5, 6, 7, 8]  # the schedule waited on the two skipped steps
     assert seen[-1][3] == 2
+    # one read per step (the scaler's skip, for the schedule) plus the losses at steps 4, 8 and 10
+    assert len(reads) == 10 + 3 and sum(shape[0] for shape in reads if len(shape) == 3) == 10
 
 
 def test_fp16_aborts_only_after_several_non_finite_steps_in_a_row(data, tmp_path, monkeypatch):
@@ -456,3 +462,137 @@ def test_auto_amp_is_recorded_and_kept_on_resume(data, tmp_path, monkeypatch, ca
     train(config(data, out, epochs=2, amp="auto", resume=True))
     assert "amp off" in capsys.readouterr().err
     assert torch.load(out / "last.pt", weights_only=False)["amp"] == "none"
+
+
+# ------------------------------------------------------------------------------------------------ host syncs
+
+
+@pytest.mark.parametrize("log_every, save_every, reads", [
+    (4, None, 6),  # epoch 1 at global steps 4, 8, 10 (its end); epoch 2 at 12, 16, 20
+    (1, None, 20),
+    (4, 3, 11),  # and before every checkpoint: 3, 4, 6, 8, 9, 10 | 12, 15, 16, 18, 20
+])
+def test_losses_are_read_once_per_log_interval_and_the_means_stay_exact(data, tmp_path, monkeypatch, log_every,
+                                                                        save_every, reads):
+    """fp32: no device->host read per step; one per log_every steps (and before a checkpoint and at the epoch's end),
+    where the ranks also agree on a Ctrl-C. The epoch means equal the float64 means of every micro-step's terms."""
+    from tpsvit.train import distributed, engine
+
+    to_host, all_reduce, losses = engine._to_host, distributed.all_reduce_sum, engine.Run._losses
+    host_reads, reduced, seen = [], [], []
+
+    def counting_to_host(values):
+        host_reads.append(values.shape)
+        return to_host(values)
+
+    def counting_all_reduce(values, info):
+        reduced.append(len(values))
+        return all_reduce(values, info)
+
+    def recording_losses(self, *args):
+        terms = losses(self, *args)
+        seen.append((self.global_step, {k: float(v.detach()) for k, v in terms.items()}))
+        return terms
+
+    monkeypatch.setattr(engine, "_to_host", counting_to_host)
+    monkeypatch.setattr(distributed, "all_reduce_sum", counting_all_reduce)
+    monkeypatch.setattr(engine.Run, "_losses", recording_losses)
+    result = train(config(data, tmp_path / "run", method="dtps", locations=[1, 2], teacher="auto",
+                          token_distill_weight=0.5, accum_steps=2, log_every=log_every, save_every_steps=save_every))
+    steps = 320 // 32
+    assert result["global_step"] == 2 * steps
+    assert len(host_reads) == reads
+    assert sum(shape[0] for shape in host_reads) == 2 * steps  # every step read exactly once, accum rows each
+    # all_reduce: a (stop, non-finite) pair at every read; per epoch the means and the evaluation; one stop check
+    # between the epochs
+    assert reduced.count(2) == reads and reduced.count(1) == 1 and len(reduced) == reads + 1 + 2 * 2
+
+    names = {"total": "train_loss", "ce": "loss_ce", "distill": "loss_distill", "token": "loss_token"}
+    for epoch, row in enumerate(result["history"]):
+        sums = dict.fromkeys(names, 0.0)
+        for step in range(epoch * steps, (epoch + 1) * steps):
+            micro = [terms for at, terms in seen if at == step]
+            assert len(micro) == 2
+            for key in names:
+                step_sum = 0.0
+                for terms in micro:
+                    step_sum += terms.get(key, 0.0) / 2
+                sums[key] += step_sum
+        for key, name in names.items():
+            assert row[name] == sums[key] / steps, name
+        assert row["loss_token"] > 0 and row["loss_distill"] == 0  # this recipe distils tokens, not logits
+
+
+def _inf_loss_at(monkeypatch, bad, fail_at=None):
+    from tpsvit.train import engine
+
+    losses = engine.Run._losses
+
+    def inf_losses(self, *args):
+        if self.global_step == fail_at:
+            raise RuntimeError("a later failure")
+        terms = losses(self, *args)
+        if self.global_step in bad:
+            terms["total"] = terms["total"] * float("inf")
+        return terms
+
+    monkeypatch.setattr(engine.Run, "_losses", inf_losses)
+
+
+def test_non_finite_loss_is_found_at_the_next_read_before_anything_is_saved(data, tmp_path, monkeypatch):
+    """fp32: the loss is checked when it is read (every log_every steps), naming the step where it went non-finite;
+    the checkpoint due at that read is not written."""
+    _inf_loss_at(monkeypatch, {5})
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"loss is (inf|nan) at epoch 1 step 5; lower lr or use amp=none "
+                       r"\(found at the loss check after step 8: the losses are read from the device every "
+                       r"log_every=4 steps; nothing was saved after step 5\)"):
+        train(config(data, out, epochs=1, log_every=4, save_every_steps=4))
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_failure_after_an_unread_non_finite_loss_names_the_loss(data, tmp_path, monkeypatch):
+    _inf_loss_at(monkeypatch, {1}, fail_at=3)
+    with pytest.raises(FloatingPointError, match=r"loss is (inf|nan) at epoch 1 step 1; lower lr or use amp=none "
+                       r"\(found when a later step failed") as caught:
+        train(config(data, tmp_path / "run", epochs=1, log_every=10))
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_ddp_ranks_agree_on_ctrl_c_only_at_a_read(data, tmp_path, monkeypatch, capsys):
+    """Two ranks simulated in one process (every collective sums two equal ranks): a SIGINT stops at the next read
+    (log_every), not at the next step, and last.pt is saved there."""
+    import dataclasses
+
+    from tpsvit.train import distributed, engine
+
+    out = tmp_path / "ddp"
+    run = engine.Run(engine._as_config(config(data, out, epochs=2, log_every=4)), distributed.setup("cpu"), "cmd")
+    run.info = dataclasses.replace(run.info, world_size=2)
+    reduced = []
+
+    def two_ranks(values, info):
+        reduced.append(list(values))
+        return [2 * v for v in values]
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", two_ranks)
+    monkeypatch.setattr(distributed, "barrier", lambda info: None)
+    step = engine.Run._step
+
+    def step_then_ctrl_c(self, *args):
+        result = step(self, *args)
+        if self.global_step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(engine.Run, "_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run.fit()
+    err = capsys.readouterr().err
+    assert "SIGINT: saving last.pt within 4 steps (log_every)" in err
+    assert f"stopped at epoch 2 step 6/10 (global step 16); saved {out / 'last.pt'}" in err
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 6, 16)
+    assert [v for v in reduced if len(v) == 2] == [[0.0, 0.0]] * 4 + [[1.0, 0.0]]  # reads at 4 8 10 | 12 16

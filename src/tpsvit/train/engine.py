@@ -8,6 +8,11 @@ in the checkpoint as well.
 Learning rate: linear warm-up per step from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then cosine to
 ``min_lr`` (torch's LambdaLR). With ``backbone_lr_scale != 1`` the backbone group follows the same curve scaled.
 ``lr`` is for the global ``batch_size`` and is never rescaled automatically.
+
+Host syncs: the loss terms stay on the device and are read back once every ``log_every`` steps (and before a
+checkpoint and at the end of an epoch); the progress bar, the non-finite-loss check (fp32/bf16: so up to ``log_every``
+steps late, but before anything is saved) and, under DDP, the ranks' agreement on a Ctrl-C happen there. fp16 adds
+one read per step: whether the gradient scaler skipped it (the lr schedule then waits).
 """
 
 from __future__ import annotations
@@ -66,13 +71,20 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 WARM_START_EPOCH = 1_000_003  # the warm start's data order: unlike any training epoch's
 
 
+def _to_host(values: torch.Tensor) -> list:
+    """``values.tolist()``: every read of training-step results from the device goes through here (one per logging
+    interval, see :meth:`Run._read_losses`; fp16 adds one per step), so that tests can count them."""
+    return values.tolist()
+
+
 class _StopRequest:
-    """SIGINT / SIGTERM during :meth:`Run.fit`: finish the current optimiser step, save ``last.pt`` there, then stop
+    """SIGINT / SIGTERM during :meth:`Run.fit`: finish the current optimiser step (DDP: run on to the next logging
+    point, where the ranks agree to stop at the same step), save ``last.pt`` there, then stop
     (:meth:`Run._interrupted`). A second signal stops at once, without saving. Handlers are installed only in the
     main thread and restored on exit."""
 
-    def __init__(self):
-        self.signum, self.previous = None, {}
+    def __init__(self, when: str = "after this step"):
+        self.signum, self.previous, self.when = None, {}, when
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -85,7 +97,7 @@ class _StopRequest:
             self.__exit__()
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\ntpsvit train: {signal.Signals(signum).name}: saving last.pt after this step (send it again to stop "
+        print(f"\ntpsvit train: {signal.Signals(signum).name}: saving last.pt {self.when} (send it again to stop "
               "without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
@@ -303,6 +315,7 @@ class Run:
             lambda step: lr_factor(step, self.total_steps, warmup, cfg.lr, cfg.warmup_lr, cfg.min_lr),
         )
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == torch.float16)
+        self.zero_loss = torch.zeros((), device=info.device)  # a loss term this run does not compute
         self.nonfinite_streak = 0  # optimizer steps in a row with a non-finite loss (fp16: skipped by the scaler)
         self.skipped_steps = 0  # optimizer steps the fp16 scaler skipped (the lr schedule waited for each)
         self.mixup = None
@@ -385,14 +398,17 @@ class Run:
         terms["total"] = total
         return terms
 
-    def _step(self, batches, epoch: int, step: int) -> dict:
+    def _step(self, batches, epoch: int, step: int) -> torch.Tensor:
+        """One optimiser step of ``accum`` micro-steps. Nothing is read back from the device (fp16: one read, whether
+        the scaler skipped the step, see below): the loss terms of every micro-step come back as a device tensor
+        (``accum`` x ``len(LOSS_KEYS)``, float32; 0 for a term this run does not compute), which
+        :meth:`_read_losses` brings to the host and checks at the next logging point."""
         cfg, info = self.cfg, self.info
         self._seed_step(epoch, step)
         self._anneal()
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
         accum = self.accum
         scaling = self.scaler.is_enabled()
-        nonfinite = False
+        rows = []
         for micro in range(accum):
             x, y = next(batches)
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
@@ -406,43 +422,96 @@ class Run:
                     with self._autocast():
                         logits, features = self.net(x)
                         terms = self._losses(x, logits, features, target)
-                    # one host sync per micro-step for every logged term (not one per term plus the check)
-                    values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(),
-                                      strict=True))
-                    finite = math.isfinite(values["total"])
-                    if not finite:
-                        nonfinite = True
-                        if not scaling or self.nonfinite_streak + 1 >= MAX_NONFINITE_STEPS:
-                            raise FloatingPointError(self._nonfinite_message(terms["total"], epoch, step, scaling))
+                    rows.append(torch.stack([terms[k].detach().float() if k in terms else self.zero_loss
+                                             for k in LOSS_KEYS]))
+                    # a non-finite loss is backpropagated too: fp16's scaler then skips the step; without a scaler
+                    # _read_losses aborts the run at the next logging point, before anything is saved
                     self.scaler.scale(terms["total"] / accum).backward()
             except OUT_OF_MEMORY as err:
                 raise InvalidArgumentError(self.out_of_memory_message()) from err
-            if finite:  # a non-finite micro-step (fp16: skipped by the scaler) stays out of the logged means
-                for key, value in values.items():
-                    sums[key] += value / accum
+        losses = torch.stack(rows)
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-        scale = self.scaler.get_scale() if scaling else None
+        scale = self.scaler._get_scale_async().clone() if scaling else None  # on the device: no sync
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        # fp16: the scaler lowers its scale exactly when it skipped optimizer.step() for inf/nan gradients; the lr
-        # schedule then waits too (no "scheduler before optimizer" warning, no drift of the schedule)
-        skipped = scaling and self.scaler.get_scale() < scale
+        skipped = False
+        if scaling:
+            # fp16: the scaler lowers its scale exactly when it skipped optimizer.step() for inf/nan gradients; the lr
+            # schedule then waits too (no "scheduler before optimizer" warning, no drift of the schedule). Knowing
+            # that needs the host, so fp16 reads back once per step: the skip and the loss's finiteness together
+            lowered = self.scaler._get_scale_async() < scale
+            nonfinite = ~torch.isfinite(losses[:, 0]).all()
+            skipped, nonfinite = (flag > 0 for flag in _to_host(torch.stack([lowered, nonfinite]).float()))
+            self.nonfinite_streak = self.nonfinite_streak + 1 if nonfinite else 0
+            if self.nonfinite_streak >= MAX_NONFINITE_STEPS:
+                total = next(v for v in losses[:, 0].tolist() if not math.isfinite(v))
+                raise FloatingPointError(f"loss is {total} at epoch {epoch + 1} step {step}, the "
+                                         f"{MAX_NONFINITE_STEPS}th optimizer step in a row with a non-finite loss "
+                                         "(the fp16 gradient scaler skipped the previous ones); lower lr or use "
+                                         "amp=bf16/none")
         if not skipped:
             self.scheduler.step()
         self.skipped_steps += int(skipped)
-        self.nonfinite_streak = self.nonfinite_streak + 1 if nonfinite else 0
         self.global_step += 1
-        return sums
+        return losses
 
-    def _nonfinite_message(self, total, epoch: int, step: int, scaling: bool) -> str:
-        where = f"loss is {total.item()} at epoch {epoch + 1} step {step}"
-        if scaling:
-            return (f"{where}, the {MAX_NONFINITE_STEPS}th optimizer step in a row with a non-finite loss (the fp16 "
-                    "gradient scaler skipped the previous ones); lower lr or use amp=bf16/none")
-        return f"{where}; lower lr or use amp=none"
+    def _read_losses(self, pending: list, sums: dict, epoch: int, done: int) -> bool:
+        """Bring the loss terms of the steps in ``pending`` ((step, :meth:`_step`'s tensor) pairs) to the host in one
+        read, add them to the epoch's ``sums`` and check them; empties ``pending``. Returns whether to stop (a
+        SIGINT/SIGTERM arrived; DDP: on any rank, so that every rank stops at the same step).
+
+        A non-finite loss is left out of the sums (fp16: the scaler skipped that step). Without a gradient scaler it
+        aborts the run here, naming its step: up to ``log_every`` steps after it happened, as the losses are read
+        only at these points; nothing is saved in between (checkpoints come after a read). DDP: every rank aborts."""
+        rows = _to_host(torch.stack([losses for _, losses in pending])) if pending else []
+        bad = self._add_losses(pending, rows, sums)
+        pending.clear()
+        stop, failed = distributed.all_reduce_sum([float(self._stop_signalled()), float(bad is not None)], self.info)
+        if bad is not None:
+            raise FloatingPointError(self._nonfinite_message(*bad, epoch, done))
+        if failed:
+            raise FloatingPointError(f"another rank had a non-finite loss by epoch {epoch + 1} step {done} (its "
+                                     "error says where); lower lr or use amp=none")
+        return stop > 0
+
+    def _add_losses(self, pending: list, rows: list, sums: dict) -> tuple[float, int] | None:
+        """Add the host ``rows`` of the ``pending`` steps to ``sums`` (per step: the sum of its micro-steps' terms /
+        accum, as float64, in order); returns (loss, step) of the first non-finite loss when there is no scaler."""
+        bad = None
+        scaling = self.scaler.is_enabled()
+        for (step, _), micro_rows in zip(pending, rows, strict=True):
+            step_sums = dict.fromkeys(LOSS_KEYS, 0.0)
+            for row in micro_rows:
+                if math.isfinite(row[0]):  # a non-finite micro-step (fp16: skipped by the scaler) stays out
+                    for key, value in zip(LOSS_KEYS, row, strict=True):
+                        step_sums[key] += value / self.accum
+                elif bad is None and not scaling:
+                    bad = (row[0], step)
+            for key in LOSS_KEYS:
+                sums[key] += step_sums[key]
+        return bad
+
+    def _pending_nonfinite(self, pending: list, epoch: int, err: BaseException) -> None:
+        """A step failed: if an unread earlier step had a non-finite loss (no scaler), raise that instead, as the
+        failure may well follow from it (non-finite weights)."""
+        if not pending or self.scaler.is_enabled():
+            return
+        try:
+            bad = self._add_losses(pending, _to_host(torch.stack([losses for _, losses in pending])),
+                                   dict.fromkeys(LOSS_KEYS, 0.0))
+        except Exception:
+            return
+        if bad is not None:
+            raise FloatingPointError(self._nonfinite_message(*bad, epoch, None)) from err
+
+    def _nonfinite_message(self, total: float, step: int, epoch: int, found: int | None) -> str:
+        where = f"loss is {total} at epoch {epoch + 1} step {step}; lower lr or use amp=none"
+        when = "when a later step failed" if found is None else f"at the loss check after step {found}"
+        return (f"{where} (found {when}: the losses are read from the device every log_every="
+                f"{self.cfg.log_every} steps; nothing was saved after step {step})")
 
     def _device_batch_note(self) -> str:
         cap = self.cfg.device_batch
@@ -548,16 +617,24 @@ class Run:
         bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not info.is_main, file=sys.stderr, dynamic_ncols=True, leave=True)
         began = segment = time.time()
+        pending = []  # (step, loss terms on the device) of the steps since the last read
         for step in range(start, self.steps_per_epoch):
-            terms = self._step(batches, epoch, step)
-            for key in LOSS_KEYS:
-                sums[key] += terms[key]
+            try:
+                pending.append((step, self._step(batches, epoch, step)))
+            except Exception as err:
+                self._pending_nonfinite(pending, epoch, err)
+                raise
             done = step + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['total'] / done:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
-            stop = done < self.steps_per_epoch and self._stop_requested()
-            if stop or (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0
-                        and done < self.steps_per_epoch):
+            last = done == self.steps_per_epoch
+            save = bool(cfg.save_every_steps) and self.global_step % cfg.save_every_steps == 0 and not last
+            # one process: a signal stops after this step (reading a flag is free); DDP: the ranks agree at a read
+            signalled = not info.distributed and not last and self._stop_signalled()
+            stop = False
+            if last or save or signalled or self.global_step % cfg.log_every == 0:
+                stop = self._read_losses(pending, sums, epoch, done) and not last
+                bar.set_postfix(loss=f"{sums['total'] / done:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
+            if stop or save:
                 now = time.time()
                 self.wall_time += now - segment
                 segment = now
@@ -589,13 +666,17 @@ class Run:
                   f"{self.steps_per_epoch} steps, global batch {cfg.batch_size} = {info.world_size} ranks x "
                   f"{self.per_rank} per device x {self.accum} accum{self._device_batch_note()}, device {info.device}, "
                   f"amp {self.amp or 'off'}{extra} -> {self.out}", file=sys.stderr)
-        with _StopRequest() as self._stop:
+        when = f"within {cfg.log_every} steps (log_every)" if info.distributed else "after this step"
+        with _StopRequest(when) as self._stop:
             return self._fit()
+
+    def _stop_signalled(self) -> bool:
+        """Whether a SIGINT/SIGTERM arrived in this process."""
+        return getattr(self, "_stop", None) is not None and self._stop.signum is not None
 
     def _stop_requested(self) -> bool:
         """Whether a SIGINT/SIGTERM arrived (on any rank: every rank stops at the same step)."""
-        wanted = float(getattr(self, "_stop", None) is not None and self._stop.signum is not None)
-        return distributed.all_reduce_sum([wanted], self.info)[0] > 0
+        return distributed.all_reduce_sum([float(self._stop_signalled())], self.info)[0] > 0
 
     def _interrupted(self, epoch: int, step: int) -> None:
         """After the state was saved at (epoch, step): say how to resume, then stop with KeyboardInterrupt."""

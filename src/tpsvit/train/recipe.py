@@ -110,6 +110,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     save_every_steps: int | None = None  # also checkpoint every N optimiser steps (mid-epoch resume)
+    log_every: int = 20  # read the loss terms back from the device every N steps (progress bar, non-finite check)
     out: str = "runs/train"
     resume: bool = False
     recipe: str | None = None  # the recipe this config came from (informational)
@@ -121,8 +122,8 @@ class TrainConfig:
 
 # Keys that may differ from the checkpoint's when resuming (they do not change the maths of the run; device_batch
 # only regroups the same global batch into micro-batches, so a run that ran out of memory can go on with less).
-RESUME_FREE_KEYS = ("epochs", "workers", "device", "device_batch", "threads", "eval_every", "save_every_steps", "out",
-                    "resume", "recipe")
+RESUME_FREE_KEYS = ("epochs", "workers", "device", "device_batch", "threads", "eval_every", "save_every_steps",
+                    "log_every", "out", "resume", "recipe")
 
 
 def valid_keys() -> list[str]:
@@ -287,6 +288,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _number(cfg, "threads", int, low=1, optional=True)
     _number(cfg, "epochs", int, low=1)
     _number(cfg, "steps_per_epoch", int, low=1, optional=True)
+    _number(cfg, "log_every", int, low=1)
     _number(cfg, "batch_size", int, low=1)
     _number(cfg, "accum_steps", int, low=1)
     _number(cfg, "device_batch", int, low=1, optional=True)
