@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tpsvit.bench import _amp_dtype, _device, device_scope, device_sync, input_size
 from tpsvit.data import resize_and_expand
 from tpsvit.errors import DatasetError, InvalidArgumentError, TPSError
+from tpsvit.families import logits_of
 
 
 def _batches(data, batch_size: int) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
@@ -104,7 +105,7 @@ def evaluate_many(models: Mapping[str, nn.Module], data, batch_size: int = 256, 
                     sync()
                     start = time.perf_counter()
                     with autocast():
-                        logits = model(images)
+                        logits = logits_of(model(images))
                     sync()
                     elapsed = time.perf_counter() - start
                     _count(stats[name], logits, labels, topk)

@@ -71,6 +71,11 @@ class Family:
             return None
         return int(chans), int(size[0]), int(size[1])
 
+    def num_classes(self, model: nn.Module) -> int | None:
+        """Classes the model's head predicts; None for a feature extractor."""
+        classes = getattr(model, "num_classes", None)
+        return int(classes) if classes else None
+
     # ---- what tpsvit.flops counts
 
     def patch_projection(self, model: nn.Module) -> nn.Module | None:
@@ -121,6 +126,18 @@ class Family:
     def masked_attention(self, block: nn.Module, x: Tensor, policy: Tensor, extras: dict) -> Tensor:
         """Attention where each query sees only kept tokens and itself; ``policy`` (B, N) carries gradients."""
         raise NotImplementedError
+
+
+def logits_of(output) -> Tensor:
+    """The class logits of a model's output: the tensor itself (timm) or its ``logits`` (transformers)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        raise UnsupportedModelError(
+            f"the model returns {type(output).__name__} without logits: it is a feature extractor, not a classifier"
+        )
+    return logits
 
 
 def _allowed(policy: Tensor) -> Tensor:

@@ -65,6 +65,14 @@ class _HFBlock:
 
 
 _TUPLE: dict[type, bool] = {}
+_MASK: dict[type, bool] = {}
+
+
+def _takes_mask(attention_cls: type) -> bool:
+    """True for attention modules whose forward takes ``attention_mask`` (transformers 5; not 4's ViT / DINOv2)."""
+    if attention_cls not in _MASK:
+        _MASK[attention_cls] = "attention_mask" in inspect.signature(attention_cls.forward).parameters
+    return _MASK[attention_cls]
 
 
 def _returns_tuple(layer_cls: type) -> bool:
@@ -281,6 +289,11 @@ class HFFamily(Family):
     def embed_dim(self, model):
         return int(self._config(model).hidden_size)
 
+    def num_classes(self, model):
+        if "ForImageClassification" not in _base_type(model).__name__:
+            return None
+        return int(self._config(model).num_labels)
+
     # ---- what tpsvit.flops counts
 
     def patch_projection(self, model):
@@ -358,7 +371,7 @@ class HFFamily(Family):
 
     def attention(self, block, x, extras, attn_mask, is_causal):
         attn = _attention(block)
-        if "attention_mask" in inspect.signature(attn.forward).parameters:
+        if _takes_mask(type(attn)):
             out = attn(x, attention_mask=attn_mask, **extras.get("kwargs", {}))
         elif attn_mask is None:
             out = attn(x)  # transformers 4 ViT / DINOv2: (hidden_states, head_mask)

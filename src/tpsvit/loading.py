@@ -64,7 +64,7 @@ def _weights_host(name: str, kwargs: dict) -> str | None:
     file in the pretrained config, HF_HUB_OFFLINE set) or the source is unknown (then timm decides)."""
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if hub_offline_requested():
         return None
     for key in ("pretrained_cfg_overlay", "pretrained_cfg"):
         if isinstance(kwargs.get(key), dict) and kwargs[key].get("file"):
@@ -79,6 +79,11 @@ def _weights_host(name: str, kwargs: dict) -> str | None:
         return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
     url = getattr(cfg, "url", None)
     return urlparse(url).hostname if url else None
+
+
+def hub_offline_requested() -> bool:
+    """HF_HUB_OFFLINE is set: read the local cache only, never try the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
@@ -206,12 +211,23 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
 
 def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
                **model_kwargs) -> nn.Module:
-    """A timm model from its name, from a tpsvit checkpoint, or a name plus a checkpoint of plain weights.
+    """A timm model from its name, from a tpsvit checkpoint, or a name plus a checkpoint of plain weights; or a
+    transformers model from ``hf:ORG/NAME`` or a ``save_pretrained`` folder (:mod:`tpsvit.hf_loading`).
 
     A checkpoint's recorded patch is re-applied before loading, so fine-tuned dTPS predictors load too.
     """
     if name is None and checkpoint is None:
         raise InvalidArgumentError("give a timm model name, a --checkpoint file, or both")
+    from tpsvit.hf_loading import is_hf_source, load_hf_model
+
+    if is_hf_source(name):
+        if checkpoint is not None:
+            raise InvalidArgumentError(f"{name!r} is a transformers model with its own weights; --checkpoint is for "
+                                       "timm models (save fine-tuned transformers weights with save_pretrained)")
+        if model_kwargs:
+            raise InvalidArgumentError(f"{', '.join(model_kwargs)}: a transformers model runs at the image size of "
+                                       "its config; set it there (config.image_size) before saving")
+        return load_hf_model(name)
     state_dict, meta = read_weights(checkpoint) if checkpoint is not None else ({}, {})
     name = name or meta.get("model")
     if name is None:

@@ -320,11 +320,13 @@ def patch(
     scorer: str = "default",
     fuse: str = "sum",
 ) -> nn.Module:
-    """Patch a timm VisionTransformer or Eva in place with a token-reduction method; returns the model.
+    """Patch a timm VisionTransformer or Eva, or a transformers ViT, in place with a token-reduction method; returns
+    the model.
 
     Args:
         model: a timm ``VisionTransformer`` (DeiT, ViT, DeiT-III, distilled DeiT, register-token ViTs, CLIP, SigLIP,
-            ...) or a timm ``Eva`` (EVA-02, DINOv3, Perception Encoder, RoPE ViTs: rotary angles follow the tokens).
+            ...), a timm ``Eva`` (EVA-02, DINOv3, Perception Encoder, RoPE ViTs: rotary angles follow the tokens) or
+            a Hugging Face ViT / DeiT, DINOv2 (+registers, backbones), CLIP or SigLIP vision model (:mod:`tpsvit.hf`).
         method: ``"etps"``, ``"dtps"`` (TPS) or a baseline: ``"evit"``, ``"dynamicvit"``, ``"tome"``.
         keep_rate: keep rate in (0, 1], one for all locations or one per location, relative to the patch tokens
             alive at that location (kept = ceil(keep_rate * n)). The DynamicViT / TPS releases count from the initial

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tpsvit.budget import model_shape, schedule_gmacs, solve_keep_rate, target_gmacs
 from tpsvit.config import DEFAULT_LOCATIONS
 from tpsvit.errors import InvalidArgumentError
+from tpsvit.families import logits_of
 from tpsvit.methods import get_method
 
 STARTS = (1, 2, 3, 4)  # first block of the "every k-th block from b" / "every block from b" families
@@ -145,7 +146,7 @@ def _calibration_batches(data, batch_size: int) -> list[tuple[Tensor, Tensor]]:
 def _top1(model: nn.Module, batches, device) -> float:
     correct = count = 0
     for images, labels in batches:
-        logits = model(images.to(device))
+        logits = logits_of(model(images.to(device)))
         correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
         count += len(labels)
     return 100.0 * correct / count

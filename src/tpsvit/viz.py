@@ -21,8 +21,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor, nn
 
+from tpsvit.bench import input_size
 from tpsvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
+from tpsvit.families import family_of, logits_of
 from tpsvit.patch import is_patched, tracing
 from tpsvit.trace import Trace
 
@@ -70,11 +72,8 @@ def model_data_config(model: nn.Module) -> dict:
     """
     import timm.data
 
-    embed = getattr(model, "patch_embed", None)
-    if embed is None or getattr(embed, "img_size", None) is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no patch_embed.img_size; expected a timm ViT")
-    in_chans = int(getattr(getattr(embed, "proj", None), "in_channels", 3))
-    cfg = timm.data.resolve_data_config({"input_size": (in_chans, *embed.img_size)}, model=model)
+    in_chans, height, width = input_size(model)
+    cfg = timm.data.resolve_data_config({"input_size": (in_chans, height, width)}, model=model)
     if len(cfg["mean"]) != in_chans:
         if in_chans == 1:
             cfg["mean"], cfg["std"] = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
@@ -130,7 +129,7 @@ def visualize(
         raise InvalidArgumentError(f"got {len(labels)} labels for {len(images)} images; give one label per image")
     names = list(names) if names is not None else [f"image_{i:03d}" for i in range(len(images))]
     display = _display_images(images, model, mean, std, denormalize)
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    grid = family_of(model).grid_size(model)
     if panel_size is None:
         panel_size = 2.5 if max(grid) <= 8 else 3.5
     if links is None:
@@ -180,7 +179,7 @@ def _run(model: nn.Module, images: Tensor) -> tuple[Tensor, Trace]:
     try:
         param = next(model.parameters())
         with torch.inference_mode(), tracing(model) as trace:
-            logits = model(images.to(param.device, param.dtype))
+            logits = logits_of(model(images.to(param.device, param.dtype)))
     finally:
         model.train(was_training)
     return logits.float().softmax(dim=-1).cpu(), trace
@@ -188,7 +187,8 @@ def _run(model: nn.Module, images: Tensor) -> tuple[Tensor, Trace]:
 
 def _panel_groups(model: nn.Module, trace: Trace) -> list[tuple[str, Tensor]]:
     """(panel title, (B, num_patches) token groups) for each configured location."""
-    num_patches = int(model.patch_embed.num_patches)
+    grid = family_of(model).grid_size(model)
+    num_patches = grid[0] * grid[1]
     steps = [step.block for step in trace.locations]
     panels, tokens = [], num_patches
     for block in model.tps.locations:
@@ -202,6 +202,10 @@ def _panel_groups(model: nn.Module, trace: Trace) -> list[tuple[str, Tensor]]:
 
 def _default_class_names(model: nn.Module) -> list[str] | None:
     from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    labels = getattr(getattr(model, "config", None), "id2label", None) or {}  # transformers classifiers
+    if labels and any(str(name) != f"LABEL_{index}" for index, name in labels.items()):
+        return [str(labels[i]).split(",")[0] for i in range(len(labels))]
 
     subset = infer_imagenet_subset(model)
     if subset is None:

@@ -29,9 +29,11 @@ from tpsvit.commands.flops import (
     with_scorer,
 )
 from tpsvit.data import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset, num_classes_of
-from tpsvit.errors import DatasetError, InvalidArgumentError
+from tpsvit.errors import DatasetError, InvalidArgumentError, UnsupportedModelError
 from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
+from tpsvit.families import family_of
 from tpsvit.flops import gmacs
+from tpsvit.hf_loading import is_hf_source
 from tpsvit.loading import checkpoint_metadata
 from tpsvit.methods import get_method
 from tpsvit.patch import PREDICTORS, is_patched
@@ -136,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
     base = load_base_model(args, default_model=None)  # reads and checks the checkpoint first
     meta = checkpoint_metadata(checkpoint) if checkpoint else {}
     data, description, classes = load_data(args, base)
-    model_classes = getattr(base, "num_classes", classes)
+    model_classes = family_of(base).num_classes(base)
+    if model_classes is None:
+        raise UnsupportedModelError(f"{type(base).__name__} has no classification head; tpsvit eval needs a classifier")
     if classes > model_classes:
         raise DatasetError(f"{description} has {classes} classes but the model predicts {model_classes}; "
                            "use a model or checkpoint trained for this dataset")
@@ -152,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device, args.amp)
     name = meta.get("model") or args.model
-    source = f"{name} from {checkpoint}" if checkpoint else f"{name} ({'pretrained' if args.pretrained else 'random'})"
+    weights = "transformers" if is_hf_source(name) else ("pretrained" if args.pretrained else "random")
+    source = f"{name} from {checkpoint}" if checkpoint else f"{name} ({weights})"
     print(f"{source} on {description} | {format_environment(env)}")
     results = evaluate_many(models, data, batch_size=args.batch_size, device=device, amp=args.amp,
                             progress=not args.no_progress, desc="eval")

@@ -1,4 +1,5 @@
-"""GMACs per image of a timm ViT, unpatched and under each method (analytic, optional flop-counter check).
+"""GMACs per image of a ViT (timm or transformers), unpatched and under each method (analytic, optional
+flop-counter check).
 
 Also home of the model / comparison options shared by ``tpsvit flops``, ``tpsvit bench`` and ``tpsvit eval``.
 """
@@ -29,7 +30,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     """--model, --checkpoint, --pretrained, --img-size."""
     group = parser.add_argument_group("model")
     default = f" (default: {default_text or default_model})" if default_text or default_model else ""
-    group.add_argument("--model", metavar="NAME", help=f"timm model name{default}")
+    group.add_argument("--model", metavar="NAME",
+                       help=f"timm model name, hf:ORG/NAME or a transformers save_pretrained folder{default}")
     group.add_argument("--checkpoint", metavar="FILE",
                        help="weights: a tpsvit safetensors checkpoint (rebuilds its model and patch) or a torch file")
     group.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
@@ -56,11 +58,12 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
 def load_base_model(args: argparse.Namespace, meta: bool = False, default_model: str | None = DEFAULT_MODEL):
     """The model the options name. ``meta=True`` builds a weightless model on the meta device when no weights are
     asked for (enough for GMACs)."""
+    from tpsvit.hf_loading import is_hf_source
     from tpsvit.loading import create_model, load_model
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     name = args.model or (None if args.checkpoint else default_model)
-    if meta and args.checkpoint is None and not args.pretrained:
+    if meta and args.checkpoint is None and not args.pretrained and not is_hf_source(name):
         with torch.device("meta"):
             return create_model(name, **kwargs)
     return load_model(name, args.checkpoint, args.pretrained, **kwargs)

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_patched_model(args: argparse.Namespace) -> nn.Module:
     """The model of ``--model/--checkpoint`` (or the shipped demo model), patched as the flags say, in eval mode."""
+    from tpsvit.hf_loading import is_hf_source
     from tpsvit.loading import load_model
 
     name, checkpoint = args.model, args.checkpoint
@@ -87,7 +88,7 @@ def load_patched_model(args: argparse.Namespace) -> nn.Module:
         checkpoint = _demo_checkpoint(args.method)
     model = load_model(name, checkpoint, pretrained=args.pretrained).eval()
     _patch_as_asked(model, args)
-    if name is not None and checkpoint is None and not args.pretrained:
+    if name is not None and checkpoint is None and not args.pretrained and not is_hf_source(name):
         print(f"note: {name} has random weights; pass --pretrained or --checkpoint for meaningful choices",
               file=sys.stderr)
     return model
@@ -218,7 +219,9 @@ def dataset_samples(data: str, split: str, index: list[int] | None, samples: int
             raise InvalidArgumentError(f"--index {i} is outside the {split} split (0..{len(dataset) - 1})")
     items = [dataset[i] for i in index]
     classes = list(dataset.classes)
-    same_classes = int(getattr(model, "num_classes", 0)) == len(classes)
+    from tpsvit.families import family_of
+
+    same_classes = family_of(model).num_classes(model) == len(classes)
     labels = [label if same_classes else classes[label] for _, label in items]
     prefix = f"{dataset.slug}_{split}" if isinstance(dataset, FashionMNIST) else Path(data).name
     return {
