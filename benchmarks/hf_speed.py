@@ -14,12 +14,11 @@ Patched models are deep copies of their family's unpatched model (same weights).
 round is one benchmark_interleaved call (every model ``--runs`` passes, A B C D E F), so the spread of the per-round
 speed-ups is reported alongside the median over rounds.
 
-Reported per row: GMACs (analytic ``tpsvit.gmacs``; for an HF model that tpsvit cannot cost analytically, its timm
-twin's, marked ``*``; the unpatched pair is checked by FlopCounterMode too), images/s, speed-up over the family's own
-unpatched model (median over rounds, with the range of the per-round speed-ups), speed-up / GMACs ratio and HF
-speed-up / timm speed-up; and the same from each model's fastest pass (least touched by other load on a shared
-machine). Targets: at batch 16, the HF speed-up is at least 90% of the GMACs ratio, and within 5% of the timm
-speed-up (judged on both estimates).
+Reported per row: GMACs (analytic ``tpsvit.gmacs``; the unpatched pair is checked by FlopCounterMode too), images/s,
+speed-up over the family's own unpatched model (median over rounds, with the range of the per-round speed-ups),
+speed-up / GMACs ratio and HF speed-up / timm speed-up; and the same from each model's fastest pass (least touched
+by other load on a shared machine). Targets: at batch 16, the HF speed-up is at least 90% of the GMACs ratio, and
+within 5% of the timm speed-up (judged on both estimates).
 
     python benchmarks/hf_speed.py [--quick] [--batch-sizes 1 16] [--threads 1] [--json benchmarks/results/hf_speed.json]
 
@@ -40,7 +39,6 @@ import torch
 
 from tpsvit.bench import benchmark_interleaved, environment, format_environment
 from tpsvit.budget import schedule_gmacs
-from tpsvit.errors import UnsupportedModelError
 from tpsvit.evaluation import format_table, write_json
 from tpsvit.flops import counted_gmacs, gmacs
 from tpsvit.loading import create_model
@@ -85,29 +83,18 @@ def build(transformers, keep_rate: float, r: int) -> dict:
     return models
 
 
-def analytic_gmacs(models: dict) -> tuple[dict, dict]:
-    """``tpsvit.gmacs`` of every model (HF: None when unsupported) and the GMACs used for the table (HF falls back
-    to its timm twin's)."""
-    own, used = {}, {}
-    for key, model in models.items():
-        try:
-            own[key] = gmacs(model, img_size=224)
-        except UnsupportedModelError:
-            own[key] = None
-    for (family, method), value in own.items():
-        used[(family, method)] = value if value is not None else own[(FAMILIES[1], method)]
-    return own, used
+def analytic_gmacs(models: dict) -> dict:
+    """``tpsvit.gmacs`` of every model."""
+    return {key: gmacs(model, img_size=224) for key, model in models.items()}
 
 
 def check_unpatched(models: dict, own: dict) -> dict:
     """Counted (FlopCounterMode) GMACs of the two unpatched models, and whether HF matches timm within 0.1%."""
     counted = {family: counted_gmacs(models[(family, "unpatched")], img_size=224, in_chans=3) for family in FAMILIES}
     hf, tm = counted[FAMILIES[0]], counted[FAMILIES[1]]
-    check = {"counted": counted, "analytic_timm": own[(FAMILIES[1], "unpatched")],
-             "analytic_hf": own[(FAMILIES[0], "unpatched")], "match": abs(hf / tm - 1) < 1e-3}
-    if check["analytic_hf"] is not None:
-        check["match"] = check["match"] and abs(check["analytic_hf"] / check["analytic_timm"] - 1) < 1e-3
-    return check
+    analytic_hf, analytic_timm = own[(FAMILIES[0], "unpatched")], own[(FAMILIES[1], "unpatched")]
+    match = abs(hf / tm - 1) < 1e-3 and abs(analytic_hf / analytic_timm - 1) < 1e-3
+    return {"counted": counted, "analytic_timm": analytic_timm, "analytic_hf": analytic_hf, "match": match}
 
 
 def time_rounds(models: dict, batch_size: int, runs: int, warmup: int, repeats: int, device, amp) -> dict:
@@ -125,7 +112,7 @@ def time_rounds(models: dict, batch_size: int, runs: int, warmup: int, repeats: 
     return rounds
 
 
-def summarize(rounds: dict, used: dict, own: dict, batch_size: int) -> list[dict]:
+def summarize(rounds: dict, own: dict, batch_size: int) -> list[dict]:
     rows = []
     for (family, method), pairs in rounds.items():
         times, fastest = [t for t, _ in pairs], [f for _, f in pairs]
@@ -135,13 +122,9 @@ def summarize(rounds: dict, used: dict, own: dict, batch_size: int) -> list[dict
         ms = statistics.median(times)
         speedup = statistics.median(base) / ms
         best = base_fastest / min(fastest)  # fastest pass over fastest pass: least touched by other load
-        ratio = used[(family, "unpatched")] / used[(family, method)]
-        hf_own = own[(family, method)] if family == FAMILIES[0] else None
+        ratio = own[(family, "unpatched")] / own[(family, method)]
         rows.append({
-            "family": family, "method": method, "batch_size": batch_size,
-            "gmacs": used[(family, method)],
-            "gmacs_source": "analytic" if own[(family, method)] is not None else "timm twin (analytic)",
-            "gmacs_hf_analytic": hf_own,
+            "family": family, "method": method, "batch_size": batch_size, "gmacs": own[(family, method)],
             "images_per_s": batch_size / ms * 1e3, "ms_per_batch": ms, "ms_per_round": times,
             "ms_per_batch_min": min(fastest), "speedup": speedup, "speedup_min": min(per_round),
             "speedup_max": max(per_round), "speedup_per_round": per_round, "speedup_best": best,
@@ -210,12 +193,11 @@ def main(argv: list[str] | None = None) -> int:
           f"block, {tome_gmacs:.3f} GMACs")
     models = build(transformers, args.keep_rate, r)
     attn = models[(FAMILIES[0], "unpatched")].config._attn_implementation
-    own, used = analytic_gmacs(models)
+    own = analytic_gmacs(models)
     check = check_unpatched(models, own)
     counted = check["counted"]
-    hf_note = (f"analytic {check['analytic_hf']:.3f}" if check["analytic_hf"] is not None
-               else "analytic: not modelled by tpsvit.gmacs yet")
-    print(f"unpatched GMACs: {FAMILIES[0]} counted {counted[FAMILIES[0]]:.3f} ({hf_note}); {FAMILIES[1]} counted "
+    print(f"unpatched GMACs: {FAMILIES[0]} counted {counted[FAMILIES[0]]:.3f}, analytic {check['analytic_hf']:.3f}; "
+          f"{FAMILIES[1]} counted "
           f"{counted[FAMILIES[1]]:.3f}, analytic {check['analytic_timm']:.3f} -> "
           + ("same model cost" if check["match"] else "MISMATCH: the comparison is not like for like"))
     print(f"HF attention implementation: {attn}")
@@ -223,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
               "hf_attn_implementation": attn, "keep_rate": args.keep_rate, "locations": [3, 6, 9], "tome_r": r,
               "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick, "gmacs_check": check,
               "batches": []}
-    columns = [("family", "family", ""), ("method", "method", ""), ("gmacs_text", "GMACs", ""),
+    columns = [("family", "family", ""), ("method", "method", ""), ("gmacs", "GMACs", ".3f"),
                ("images_per_s", "images/s", ".2f"), ("speedup", "speed-up", ".3f"),
                ("spread", "rounds min-max", ""), ("speedup_of_gmacs_ratio", "of GMACs ratio", ".1%"),
                ("hf_vs_timm", "HF/timm", ".3f"), ("speedup_best", "fastest-pass speed-up", ".3f"),
@@ -231,14 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in args.batch_sizes:
         runs = args.runs or (4 if batch_size < 4 else 2 if batch_size < 8 else 1)
         rounds = time_rounds(models, batch_size, runs, args.warmup, args.repeats, args.device, args.amp)
-        rows = summarize(rounds, used, own, batch_size)
+        rows = summarize(rounds, own, batch_size)
         for row in rows:
             row["runs"] = runs
-            text = f"{row['gmacs']:.3f}" + ("*" if row["gmacs_source"] != "analytic" else "")
-            if row["gmacs_hf_analytic"] is not None and row["family"] == FAMILIES[0]:
-                twin = used[(FAMILIES[1], row["method"])]
-                text = f"{row['gmacs_hf_analytic']:.3f} (timm {twin:.3f})"
-            row["gmacs_text"] = text
             row["spread"] = (f"{row['speedup_min']:.3f}-{row['speedup_max']:.3f}"
                              if row["method"] != "unpatched" else "-")
         checks = targets(rows)
@@ -246,12 +223,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.warmup} warm-up; speed-up over the family's own unpatched model: median over rounds (and "
               "each round's), and fastest pass over fastest pass")
         print(format_table(rows, columns))
-        if any(row["gmacs_source"] != "analytic" for row in rows):
-            print("  * tpsvit.gmacs does not cost this HF model yet: its timm twin's analytic GMACs (same shapes)")
         for c in checks:
             print(f"  target {c['target']}: {c['value']:.3f} -> {'met' if c['met'] else 'NOT met'}")
         report["batches"].append({"batch_size": batch_size, "runs": runs,
-                                  "rows": [{k: v for k, v in row.items() if k not in ("gmacs_text", "spread")}
+                                  "rows": [{k: v for k, v in row.items() if k != "spread"}
                                            for row in rows],
                                   "targets": checks})
     if args.json:
