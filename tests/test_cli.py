@@ -32,15 +32,30 @@ def test_importing_the_cli_does_not_import_torch():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"]])
-def test_help_does_not_import_torch(argv):
-    code = (f"import sys\nfrom tpsvit.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
-            f"    assert e.code == 0, e.code\nprint('HEAVY', {HEAVY})")
-    done = python(code)
+# demo's options read tpsvit.assets (DEMO_MODELS), which imports torch.nn at module level (only for an annotation);
+# remove this mark once that import moves under TYPE_CHECKING
+ASSETS_IMPORT_TORCH = pytest.mark.xfail(strict=True, reason="tpsvit.assets imports torch")
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0),
+    (["--version"], 0),
+    *[([command, "--help"], 0) for command in ("train", "flops", "bench", "eval", "viz", "export")],
+    pytest.param(["demo", "--help"], 0, marks=ASSETS_IMPORT_TORCH),
+    (["bench", "--no-such-option"], 2),
+    (["eval", "--methods", "no-such-method"], 2),
+])
+def test_help_does_not_import_torch(argv, code):
+    script = (f"import sys\nfrom tpsvit.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
+              f"    assert e.code == {code}, e.code\nelse:\n    raise AssertionError('no exit')\n"
+              f"print('HEAVY', {HEAVY})")
+    done = python(script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
     if argv == ["--help"]:
         assert "Top-1/top-5 accuracy" in done.stdout  # commands listed from their docstrings
+    if code == 2:
+        assert "error:" in done.stderr and argv[-1] in done.stderr, done.stderr
 
 
 def test_public_api_loads_on_first_use():

@@ -8,19 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from tpsvit.bench import benchmark_interleaved, environment, format_environment
-from tpsvit.commands.flops import (
-    add_model_arguments,
-    add_variant_arguments,
-    load_base_model,
-    make_variant,
-    variants_from_args,
-)
+from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.evaluation import format_table, write_json
-from tpsvit.flops import gmacs
 
 COLUMNS = [
     ("label", "variant", ""),
@@ -52,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def compare_speed(models: dict, gmacs_of: dict, batch_size: int, **timing) -> list[dict]:
     """Time ``models`` interleaved and add GMACs, speed-up over the first model (the unpatched one), the GMACs ratio
     and the speed-up as a fraction of that ratio."""
+    from tpsvit.bench import benchmark_interleaved
+
     results = benchmark_interleaved(models, batch_size=batch_size, **timing)
     labels = list(models)
     ref_speed, ref_gmacs = results[labels[0]]["images_per_s"], gmacs_of[labels[0]]
@@ -66,6 +57,13 @@ def compare_speed(models: dict, gmacs_of: dict, batch_size: int, **timing) -> li
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tpsvit.bench import environment, format_environment
+    from tpsvit.commands.flops import load_base_model, make_variant, variants_from_args
+    from tpsvit.evaluation import format_table, write_json
+    from tpsvit.flops import gmacs
+
     if args.threads is not None:
         if args.threads < 1:
             raise InvalidArgumentError(f"--threads {args.threads} must be >= 1 (or leave it out for torch's default)")
@@ -76,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     models = {v.label: make_variant(base, v) for v in variants}
     gmacs_of = {label: gmacs(m, args.img_size) for label, m in models.items()}
     env = environment(device, args.amp)
-    name = args.model or (args.checkpoint and f"checkpoint {args.checkpoint}") or "deit_small_patch16_224"
+    name = args.model or (args.checkpoint and f"checkpoint {args.checkpoint}") or DEFAULT_MODEL
     print(f"{name} | {format_environment(env)}", flush=True)
     print(f"{args.runs} timed runs x {args.repeats} interleaved rounds per model, {args.warmup} warm-up runs; "
           "speed-up and GMACs ratio relative to the unpatched model", flush=True)

@@ -13,20 +13,16 @@ import argparse
 import copy
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tpsvit.assets import DEFAULT_DATA, DEMO_MODELS, demo_checkpoint
-from tpsvit.bench import environment, format_environment
-from tpsvit.budget import Variant, plan_variants
-from tpsvit.commands.evaluate import COLUMNS, auto_variant, weights_status
-from tpsvit.commands.flops import with_scorer
-from tpsvit.data import FASHION_MNIST_CLASSES, embedded_dataset
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
-from tpsvit.flops import gmacs
-from tpsvit.loading import checkpoint_metadata, load_model
 from tpsvit.methods import METHODS
+
+if TYPE_CHECKING:
+    import torch
+
+    from tpsvit.budget import Variant
 
 DEFAULT_BUDGETS = (0.65, 0.5, 0.35)
 
@@ -57,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _models(args) -> tuple[torch.nn.Module, dict, dict[str, torch.nn.Module], dict[str, dict]]:
+    from tpsvit.loading import checkpoint_metadata, load_model
+
     base_path = args.checkpoint or demo_checkpoint(None, args.data)
     base = load_model(checkpoint=base_path).eval()
     tuned, tuned_meta = {}, {}
@@ -70,6 +68,9 @@ def _models(args) -> tuple[torch.nn.Module, dict, dict[str, torch.nn.Module], di
 
 
 def _variants(base, methods, budgets, auto: bool = False, tuned=None, calib=None, batch_size=500) -> list[Variant]:
+    from tpsvit.budget import Variant, plan_variants
+    from tpsvit.commands.evaluate import auto_variant
+
     variants = [Variant()]
     for budget in budgets:
         fixed = plan_variants(base, methods=methods, keep_rates=(), budget=budget, unpatched=False)
@@ -81,6 +82,15 @@ def _variants(base, methods, budgets, auto: bool = False, tuned=None, calib=None
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tpsvit.bench import environment, format_environment
+    from tpsvit.commands.evaluate import COLUMNS, weights_status
+    from tpsvit.commands.flops import with_scorer
+    from tpsvit.data import embedded_dataset
+    from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
+    from tpsvit.flops import gmacs
+
     start = time.perf_counter()
     if args.threads is not None:
         if args.threads < 1:
@@ -135,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _token_maps(models, variants, images, labels, out: Path) -> list[Path]:
     """One token map of the first test image for each method, at the middle budget."""
+    from tpsvit.data import FASHION_MNIST_CLASSES
     from tpsvit.viz import visualize
 
     budgets = sorted({v.budget for v in variants if v.budget})

@@ -14,30 +14,14 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import DataLoader
-
-from tpsvit.bench import environment, format_environment, input_size
-from tpsvit.budget import Variant, schedule_gmacs
-from tpsvit.commands.flops import (
-    add_model_arguments,
-    add_variant_arguments,
-    load_base_model,
-    make_variant,
-    variants_from_args,
-    with_scorer,
-)
-from tpsvit.data import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset, num_classes_of
+from tpsvit.commands.options import add_model_arguments, add_variant_arguments
 from tpsvit.errors import DatasetError, InvalidArgumentError, UnsupportedModelError
-from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
-from tpsvit.families import family_of
-from tpsvit.flops import gmacs
-from tpsvit.hf_loading import is_hf_source
-from tpsvit.loading import checkpoint_metadata
 from tpsvit.methods import get_method
-from tpsvit.patch import PREDICTORS, is_patched
-from tpsvit.plan import plan
+
+if TYPE_CHECKING:
+    from tpsvit.budget import Variant
 
 COLUMNS = [
     ("name", "method", ""),
@@ -90,6 +74,8 @@ def weights_status(variant: Variant, base, meta: dict) -> str:
     added). A learned method (dtps, dynamicvit) whose locations have no predictors from the checkpoint is labelled
     "untrained predictor": its numbers are not meaningful.
     """
+    from tpsvit.patch import PREDICTORS, is_patched
+
     if variant.method is None:
         return "unpatched"
     trained_by = (meta.get("patch") or {}).get("method")
@@ -108,6 +94,12 @@ def weights_status(variant: Variant, base, meta: dict) -> str:
 
 def load_data(args: argparse.Namespace, model):
     """(in-memory tensors or a DataLoader, dataset description, number of classes)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tpsvit.bench import input_size
+    from tpsvit.data import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset, num_classes_of
+
     chans, h, w = input_size(model)
     data = args.data
     if data is None:
@@ -130,6 +122,16 @@ def load_data(args: argparse.Namespace, model):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tpsvit.bench import environment, format_environment
+    from tpsvit.commands.flops import load_base_model, make_variant, variants_from_args, with_scorer
+    from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
+    from tpsvit.families import family_of
+    from tpsvit.flops import gmacs
+    from tpsvit.hf_loading import is_hf_source
+    from tpsvit.loading import checkpoint_metadata
+
     checkpoint = args.checkpoint
     if args.model is None and checkpoint is None:
         from tpsvit.assets import demo_checkpoint
@@ -193,6 +195,11 @@ def run(args: argparse.Namespace) -> int:
 
 def load_calibration(args: argparse.Namespace, model):
     """The first ``--calib-images`` training images: Fashion-MNIST's training split, or ``--calib-data``."""
+    from torch.utils.data import DataLoader
+
+    from tpsvit.bench import input_size
+    from tpsvit.data import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset
+
     if isinstance(args.calib_images, bool) or args.calib_images < 1:
         raise InvalidArgumentError(f"--calib-images must be >= 1, got {args.calib_images}")
     chans, h, w = input_size(model)
@@ -213,6 +220,8 @@ def load_calibration(args: argparse.Namespace, model):
 
 def auto_schedules(args: argparse.Namespace, base, variants: list[Variant]) -> tuple[list[Variant], list]:
     """Replace each budget row's schedule by the best one :func:`tpsvit.plan` finds on calibration images."""
+    from tpsvit.budget import schedule_gmacs
+
     budget_rows = [v for v in variants if v.budget and v.method is not None]
     if not budget_rows:
         raise InvalidArgumentError("--schedule auto chooses the schedule of the budget rows; add --budget or --gmacs")
@@ -233,6 +242,8 @@ def auto_schedules(args: argparse.Namespace, base, variants: list[Variant]) -> t
 def auto_variant(base, variant: Variant, budget: float, calib, what: str, batch_size: int, img_size=None):
     """``variant`` with the schedule :func:`tpsvit.plan` picks for ``budget`` (printed), and that schedule; a learned
     method without its trained predictors keeps its fixed schedule (schedule None)."""
+    from tpsvit.plan import plan
+
     try:
         schedule = plan(base, variant.method, budget, data=calib, batch_size=batch_size, img_size=img_size)
     except InvalidArgumentError as err:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from tpsvit.commands.flops import add_model_arguments, load_base_model, make_variant, variants_from_args
+from tpsvit.commands.options import add_model_arguments
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.methods import METHODS
 
@@ -44,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def choose_variant(args: argparse.Namespace, base):
     """The one patch the options ask for (a :class:`~tpsvit.budget.Variant`), via the flops/bench machinery."""
+    from tpsvit.commands.flops import variants_from_args
+
     if args.method == "none":
         if args.keep_rate or args.r is not None or args.budget is not None or args.locations:
             raise InvalidArgumentError("--method none exports the unpatched model; drop --keep-rate/--r/--budget/"
@@ -67,6 +67,9 @@ def _namespace(args, methods, keep_rates):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
+    from tpsvit.commands.flops import load_base_model, make_variant
     from tpsvit.export import check_writable, export_onnx, require_export_dependencies
     from tpsvit.loading import checkpoint_metadata
 

@@ -1,7 +1,9 @@
 """GMACs per image of a ViT (timm or transformers), unpatched and under each method (analytic, optional
 flop-counter check).
 
-Also home of the model / comparison options shared by ``tpsvit flops``, ``tpsvit bench`` and ``tpsvit eval``.
+Also home of the model loading and variant helpers shared by ``tpsvit bench``, ``tpsvit eval``, ``tpsvit export`` and
+``tpsvit demo`` (their options are in :mod:`tpsvit.commands.options`). torch is imported by the functions that use it,
+so that building the parser (``--help``) does not import it.
 """
 
 from __future__ import annotations
@@ -9,55 +11,23 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
-
-from tpsvit.budget import Variant, plan_variants
+from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments
 from tpsvit.config import DEFAULT_LOCATIONS
-from tpsvit.evaluation import format_table, write_json
-from tpsvit.flops import counted_gmacs, format_breakdown, gmacs, gmacs_per_block
-from tpsvit.methods import METHODS
-from tpsvit.patch import is_patched
 
-DEFAULT_MODEL = "deit_small_patch16_224"
+if TYPE_CHECKING:
+    from tpsvit.budget import Variant
 
 
-# ------------------------------------------------------------------------------------------------ shared options
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = DEFAULT_MODEL,
-                        default_text: str | None = None) -> None:
-    """--model, --checkpoint, --pretrained, --img-size."""
-    group = parser.add_argument_group("model")
-    default = f" (default: {default_text or default_model})" if default_text or default_model else ""
-    group.add_argument("--model", metavar="NAME",
-                       help=f"timm model name, hf:ORG/NAME or a transformers save_pretrained folder{default}")
-    group.add_argument("--checkpoint", metavar="FILE",
-                       help="weights: a tpsvit safetensors checkpoint (rebuilds its model and patch) or a torch file")
-    group.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
-    group.add_argument("--img-size", type=int, metavar="PX", help="input side (default: the model's)")
-
-
-def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
-    """--methods, --keep-rates, --r, --locations, --budget / --gmacs."""
-    group = parser.add_argument_group("what to compare with the unpatched model")
-    group.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-                       help=f"token-reduction methods: {', '.join(METHODS)} (default: the checkpoint's own, else etps)")
-    group.add_argument("--keep-rates", nargs="+", type=float, metavar="RATE",
-                       help="keep rates, each applied at every location (default: 0.7 unless --r/--budget/--gmacs)")
-    group.add_argument("--r", nargs="+", type=int, metavar="R", help="ToMe: tokens merged in every block (e.g. 13)")
-    group.add_argument("--locations", nargs="+", type=int, metavar="BLOCK",
-                       help="0-based blocks where tokens are reduced (default: 3 6 9)")
-    budget = group.add_mutually_exclusive_group()
-    budget.add_argument("--budget", type=float, metavar="FRACTION",
-                        help="also run each method at this fraction of the unpatched GMACs (e.g. 0.35); the keep "
-                             "rate (ToMe: r) is solved analytically")
-    budget.add_argument("--gmacs", type=float, metavar="G", help="also run each method at this many GMACs (e.g. 1.6)")
+# --------------------------------------------------------------------------------------------- shared helpers
 
 
 def load_base_model(args: argparse.Namespace, meta: bool = False, default_model: str | None = DEFAULT_MODEL):
     """The model the options name. ``meta=True`` builds a weightless model on the meta device when no weights are
     asked for (enough for GMACs)."""
+    import torch
+
     from tpsvit.hf_loading import is_hf_source
     from tpsvit.loading import create_model, load_model
 
@@ -74,6 +44,9 @@ def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
 
     Without --methods a patched checkpoint is compared at its own patch; otherwise etps at keep 0.7.
     """
+    from tpsvit.budget import plan_variants
+    from tpsvit.patch import is_patched
+
     own = base.tps if is_patched(base) and base.tps.keep_rate is not None else None
     methods = args.methods or ([own.method] if own else ["etps"])
     locations = tuple(args.locations) if args.locations else (own.locations if own else DEFAULT_LOCATIONS)
@@ -114,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tpsvit.evaluation import format_table, write_json
+    from tpsvit.flops import counted_gmacs, format_breakdown, gmacs, gmacs_per_block
+
     base = load_base_model(args, meta=not args.check)
     variants = variants_from_args(args, base)
     rows, full = [], None

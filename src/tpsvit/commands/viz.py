@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
 from tpsvit.methods import METHODS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PATCH = {"method": "etps", "keep_rate": 0.7, "locations": (3, 6, 9)}
@@ -158,6 +159,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 def image_files(paths: list[Path], model: nn.Module) -> dict:
     """Image files -> ``visualize`` keyword arguments (images preprocessed with the model's timm data config)."""
     import timm.data
+    import torch
 
     from tpsvit.viz import model_data_config
 
@@ -196,6 +198,8 @@ def _default_data(model: nn.Module) -> str:
 
 def dataset_samples(data: str, split: str, index: list[int] | None, samples: int | None, model: nn.Module) -> dict:
     """Samples of a dataset -> ``visualize`` keyword arguments (names, true labels, class names, mean/std)."""
+    import torch
+
     from tpsvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, build_dataset
     from tpsvit.viz import model_data_config
 
