@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tpsvit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = "fashion-mnist-cluttered"
