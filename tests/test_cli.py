@@ -32,8 +32,6 @@ def test_importing_the_cli_does_not_import_torch():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
-# demo's options read tpsvit.assets (DEMO_MODELS), which imports torch.nn at module level (only for an annotation);
-# remove this mark once that import moves under TYPE_CHECKING
 @pytest.mark.parametrize("argv, code", [
     (["--help"], 0),
     (["--version"], 0),
