@@ -31,6 +31,13 @@ def classifier(tmp_path_factory):
     return save(model, tmp_path_factory.mktemp("hf") / "vit")
 
 
+def tiny_timm_checkpoint(folder) -> str:
+    from tpsvit.loading import create_model, save_checkpoint
+
+    model = create_model("deit_mini_patch4_28")
+    return str(save_checkpoint(model, folder / "timm.safetensors", "deit_mini_patch4_28"))
+
+
 def test_flops_on_a_folder_agree_with_the_flop_counter(classifier, tmp_path, capsys):
     out = tmp_path / "flops.json"
     code = main(["flops", "--model", classifier, "--methods", "etps", "tome", "--keep-rates", "0.5", *PATCH,
@@ -95,7 +102,8 @@ def test_clear_one_line_errors(classifier, tmp_path, monkeypatch, capsys):
     cases = [
         (["flops", "--model", "hf:someone/not-cached"], "no network.*save_pretrained"),
         (["flops", "--model", classifier, "--img-size", "56"], "image size of its config"),
-        (["flops", "--model", classifier, "--checkpoint", "x.safetensors"], "--checkpoint is for timm models"),
+        (["flops", "--model", classifier, "--checkpoint", tiny_timm_checkpoint(tmp_path)],
+         "does not fit ViTForImageClassification: .*missing keys"),
     ]
     torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

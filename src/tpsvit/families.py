@@ -76,6 +76,11 @@ class Family:
         classes = getattr(model, "num_classes", None)
         return int(classes) if classes else None
 
+    def logits_and_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(class logits, the final tokens the head reads, after the last norm) of one forward pass (training)."""
+        features = model.forward_features(x)
+        return model.forward_head(features), features
+
     # ---- what tpsvit.flops counts
 
     def patch_projection(self, model: nn.Module) -> nn.Module | None:

@@ -95,19 +95,27 @@ _POOL_ALL = {
 _BACKBONES = ("Dinov2Backbone", "Dinov2WithRegistersBackbone")
 
 
+def masked_path_refusal(model: nn.Module, method: str) -> str | None:
+    """Why ``model`` cannot take the masked training path of a learned ``method`` (its head pools every token),
+    or None."""
+    name = _base_type(model).__name__
+    if name not in _POOL_ALL:
+        return None
+    return (f"{name}'s head {_POOL_ALL[name]}, which the masked training path of {method} (train mode: full length, "
+            "keep mask in attention) does not restrict to kept tokens; train its base model (e.g. Dinov2Model) with "
+            "your own head, use etps / evit / tome, or run in eval mode")
+
+
 class _HFModel(_Patched):
     """Mixed into the transformers model: a fresh forward state per call of ``model(...)``."""
 
     def forward(self, *args, **kwargs):
         runtime = self._tps_runtime
         runtime.begin(self)
-        name = _base_type(self).__name__
-        if runtime.state.masked and name in _POOL_ALL:
-            raise ValueError(
-                f"{name}'s head {_POOL_ALL[name]}, which the masked training path of {runtime.config.method} (train "
-                "mode: full length, keep mask in attention) does not restrict to kept tokens; train its base model "
-                "(e.g. Dinov2Model) with your own head, or run in eval mode"
-            )
+        if runtime.state.masked:
+            refusal = masked_path_refusal(self, runtime.config.method)
+            if refusal is not None:
+                raise ValueError(refusal)
         return super().forward(*args, **kwargs)
 
 
@@ -293,6 +301,19 @@ class HFFamily(Family):
         if "ForImageClassification" not in _base_type(model).__name__:
             return None
         return int(self._config(model).num_labels)
+
+    def logits_and_features(self, model, x):
+        """The classifier's logits and its base model's ``last_hidden_state`` (after the final layernorm), caught
+        by a hook on the way."""
+        if self.num_classes(model) is None:
+            raise UnsupportedModelError(f"{_base_type(model).__name__} has no classification head to train")
+        caught = []
+        hook = model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+        try:
+            logits = model(pixel_values=x).logits
+        finally:
+            hook.remove()
+        return logits, caught[0]
 
     # ---- what tpsvit.flops counts
 

@@ -31,8 +31,9 @@ def is_hf_source(name) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def load_hf_model(source: str) -> nn.Module:
-    """The transformers model of ``source`` (see :func:`is_hf_source`) in eval mode, with SDPA attention."""
+def load_hf_model(source: str, num_labels: int | None = None) -> nn.Module:
+    """The transformers model of ``source`` (see :func:`is_hf_source`) in eval mode, with SDPA attention;
+    ``num_labels`` other than the checkpoint's gives a classifier a new head (``model._tps_fresh_head``)."""
     try:
         import transformers
     except ImportError:
@@ -57,7 +58,13 @@ def load_hf_model(source: str) -> nn.Module:
                     f"{', '.join(SUPPORTED)} (a CLIP / SigLIP checkpoint: save its vision tower, e.g. "
                     "CLIPVisionModel.from_pretrained(NAME).save_pretrained(FOLDER))"
                 )
-            model = getattr(transformers, name).from_pretrained(ref, attn_implementation="sdpa")
+            fresh = num_labels is not None and num_labels != config.num_labels
+            labels = {i: f"LABEL_{i}" for i in range(num_labels or 0)}
+            extra = {"id2label": labels, "label2id": {v: k for k, v in labels.items()},
+                     "ignore_mismatched_sizes": True} if fresh else {}
+            model = getattr(transformers, name).from_pretrained(ref, attn_implementation="sdpa", **extra)
+            if fresh:
+                model._tps_fresh_head = True
     except OSError as err:
         where = "a local folder" if local else ("the local cache (no network)" if offline else "the hub")
         raise CheckpointError(

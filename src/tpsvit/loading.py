@@ -220,16 +220,19 @@ def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = N
         raise InvalidArgumentError("give a timm model name, a --checkpoint file, or both")
     from tpsvit.hf_loading import is_hf_source, load_hf_model
 
-    if is_hf_source(name):
-        if checkpoint is not None:
-            raise InvalidArgumentError(f"{name!r} is a transformers model with its own weights; --checkpoint is for "
-                                       "timm models (save fine-tuned transformers weights with save_pretrained)")
-        if model_kwargs:
-            raise InvalidArgumentError(f"{', '.join(model_kwargs)}: a transformers model runs at the image size of "
-                                       "its config; set it there (config.image_size) before saving")
-        return load_hf_model(name)
     state_dict, meta = read_weights(checkpoint) if checkpoint is not None else ({}, {})
     name = name or meta.get("model")
+    if is_hf_source(name):
+        kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
+        if set(kwargs) - {"num_labels"}:
+            raise InvalidArgumentError(f"{', '.join(sorted(set(kwargs) - {'num_labels'}))}: a transformers model "
+                                       "runs at the image size of its config; set it there (config.image_size)")
+        model = load_hf_model(name, kwargs.get("num_labels"))
+        model.__dict__.pop("_tps_fresh_head", None)
+        if checkpoint is not None:
+            apply_patch_spec(model, meta.get("patch"))
+            load_weights(model, state_dict, source=f"checkpoint {str(checkpoint)!r}")
+        return model
     if name is None:
         raise CheckpointError(f"{str(checkpoint)!r} does not record its model; pass the timm model name too")
     kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}

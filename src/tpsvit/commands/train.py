@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     run.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=S, metavar="NAME", help="timm model name")
+    model.add_argument("--model", default=S, metavar="NAME",
+                       help="timm model name, or a transformers classifier: hf:ORG/NAME or a save_pretrained folder")
     model.add_argument("--checkpoint", default=S, metavar="FILE",
                        help="starting weights (tpsvit safetensors, torch); 'shipped': the base model shipped for the "
                             "mini-DeiT's dataset")

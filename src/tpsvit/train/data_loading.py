@@ -286,8 +286,10 @@ def find_data(cfg) -> RawData:
 def build_data(cfg, raw: RawData, model, rank: int, world: int, batch_size: int, eval_batch: int,
                pin_memory: bool) -> DataBundle:
     """Batches of ``raw`` at the model's input size and channels, sharded for this rank."""
-    img_size = int(cfg.img_size or model.patch_embed.img_size[0])
-    in_chans = int(model.patch_embed.proj.in_channels)
+    from tpsvit.bench import input_size
+
+    in_chans, height, _ = input_size(model)
+    img_size = int(cfg.img_size or height)
     if raw.kind == "tensors":
         xt, yt = raw.eval.tensors()
         if cfg.augment == "fmnist" and isinstance(raw.train, ClutteredFashionMNIST):

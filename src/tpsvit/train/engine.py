@@ -38,8 +38,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import tpsvit
+from tpsvit.bench import input_size
 from tpsvit.data import normalize_uint8, resize_and_expand
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
+from tpsvit.families import family_of, logits_of
 from tpsvit.flops import counted_gmacs, gmacs
 from tpsvit.loading import save_checkpoint
 from tpsvit.patch import set_predictor_training
@@ -125,8 +127,7 @@ class _WithFeatures(nn.Module):
         self.model = model
 
     def forward(self, x):
-        features = self.model.forward_features(x)
-        return self.model.forward_head(features), features
+        return family_of(self.model).logits_and_features(self.model, x)
 
 
 def lr_factor(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
@@ -202,8 +203,9 @@ class Run:
         self.models, self.model, self.teacher = models, models.student, models.teacher
         self.data = build_data(cfg, raw, self.model, info.rank, info.world_size, self.per_rank, self.per_rank * 2,
                                pin_memory=info.device.type == "cuda")
-        if len(self.data.classes) != self.model.num_classes:
-            raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {self.model.num_classes}")
+        model_classes = family_of(self.model).num_classes(self.model)
+        if len(self.data.classes) != model_classes:
+            raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {model_classes}")
         self.steps_per_epoch = len(self.data.train) // self.accum
         if cfg.steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
@@ -236,9 +238,10 @@ class Run:
             raise InvalidArgumentError("schedule=auto in train calibrates on in-memory (Fashion-MNIST) data; for an "
                                        "ImageFolder run `tpsvit eval --schedule auto --calib-data DIR` and set the "
                                        "locations and keep rate it prints")
-        size = int(cfg.img_size or self.model.patch_embed.img_size[0])
+        chans, height, _ = input_size(self.model)
+        size = int(cfg.img_size or height)
         images = normalize_uint8(raw.train.images[: cfg.calib_images])  # only the calibration images, not the split
-        calib = (resize_and_expand(images, size, self.model.patch_embed.proj.in_channels),
+        calib = (resize_and_expand(images, size, chans),
                  raw.train.labels[: cfg.calib_images])
         schedule = tpsvit.plan(self.model, cfg.method, cfg.budget, data=calib, img_size=cfg.img_size,
                                fixed_locations=tuple(cfg.locations))
@@ -324,7 +327,7 @@ class Run:
 
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                                switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                               num_classes=model.num_classes)
+                               num_classes=family_of(model).num_classes(model))
         self.criterion = classification_loss(self.mixup_active, cfg.smoothing)
 
     def _restore(self, state: dict) -> None:
@@ -370,12 +373,12 @@ class Run:
         cfg, model = self.cfg, self.model
         terms = {"ce": self.criterion(logits.float(), target)}
         total = terms["ce"]
-        prefix = model.num_prefix_tokens
+        family = family_of(model)
+        prefix = family.num_prefix_tokens(model)
         state = tpsvit.forward_state(model) if tpsvit.is_patched(model) else None
         if self.teacher is not None:
             with torch.no_grad():
-                t_features = self.teacher.forward_features(x)
-                t_logits = self.teacher.forward_head(t_features)
+                t_logits, t_features = family.logits_and_features(self.teacher, x)
             if self.models.distill_logits:
                 terms["distill"] = logit_distillation(logits, t_logits)
                 total = total + cfg.distill_weight * terms["distill"]
@@ -548,7 +551,7 @@ class Run:
         for x, y in self.data.eval.batches():
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             with self._autocast():
-                logits = model(x)
+                logits = logits_of(model(x))
             top1, top5 = accuracy(logits, y)
             counts = [counts[0] + top1, counts[1] + top5,
                       counts[2] + float(F.cross_entropy(logits.float(), y, reduction="sum")), counts[3] + len(y)]
@@ -560,8 +563,7 @@ class Run:
                 "test_loss": counts[2] / n, "gmacs": gmacs}
 
     def _gmacs(self) -> float:
-        embed = self.model.patch_embed
-        img_size = int(self.cfg.img_size or embed.img_size[0])
+        img_size = int(self.cfg.img_size or input_size(self.model)[1])
         try:
             return float(gmacs(self.model, img_size=img_size))
         except Exception:  # no analytic count for this model: count the real forward

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 import tpsvit
 from tpsvit.budget import solve_keep_rate, solve_tome_r
 from tpsvit.errors import CheckpointError, InvalidArgumentError
+from tpsvit.families import family_of
 from tpsvit.loading import checkpoint_metadata, create_model, load_model
 
 
@@ -47,9 +48,14 @@ SHIPPED = "shipped"  # checkpoint value: the base model shipped with tpsvit for 
 
 def start_checkpoint(cfg) -> str | None:
     """The starting checkpoint file of ``cfg``: ``checkpoint: shipped`` is the shipped base model of the mini-DeiT's
-    dataset (``tpsvit.assets.demo_checkpoint``), anything else is taken as given."""
+    dataset (``tpsvit.assets.demo_checkpoint``; for a transformers model, its own weights), anything else is taken
+    as given."""
+    from tpsvit.hf_loading import is_hf_source
+
     if cfg.checkpoint != SHIPPED:
         return cfg.checkpoint
+    if is_hf_source(cfg.model):
+        return None
     from tpsvit.assets import demo_checkpoint
     from tpsvit.models import MINI_DEIT, MINI_DEIT_CLUTTERED
 
@@ -62,6 +68,10 @@ def start_checkpoint(cfg) -> str | None:
 
 def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, bool]:
     """(model, rebuild kwargs, trained?) from a checkpoint (see :func:`start_checkpoint`) or a timm name."""
+    from tpsvit.hf_loading import is_hf_source
+
+    if is_hf_source(cfg.model):
+        return _start_hf_model(cfg, num_classes, notes)
     kwargs = dict(cfg.model_kwargs)
     train_only = {"drop_path_rate": cfg.drop_path} if "drop_path_rate" not in kwargs else {}
     path = start_checkpoint(cfg)
@@ -85,6 +95,30 @@ def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, b
     if cfg.pretrained and hub_classes not in (None, model.num_classes):
         model._tps_fresh_head = True
     return model, kwargs, cfg.pretrained
+
+
+def _start_hf_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, bool]:
+    """A transformers classifier from its folder / hub name (a new head when the classes differ), or from a tpsvit
+    checkpoint of one; the config's drop path and model_kwargs do not apply (the model's own config decides)."""
+    from tpsvit.hf import masked_path_refusal
+    from tpsvit.hf_loading import load_hf_model
+    from tpsvit.methods import get_method
+
+    if cfg.model_kwargs:
+        raise InvalidArgumentError(f"model_kwargs {cfg.model_kwargs} are timm.create_model keywords; a transformers "
+                                   "model is configured by its config.json")
+    kwargs = {"num_labels": num_classes}
+    path = start_checkpoint(cfg)
+    model = load_model(cfg.model, path, **kwargs) if path is not None else load_hf_model(cfg.model, num_classes)
+    refusal = masked_path_refusal(model, cfg.method) if cfg.method != "none" and get_method(cfg.method).learned \
+        else None
+    if refusal is not None:
+        raise InvalidArgumentError(refusal)
+    if getattr(model, "_tps_fresh_head", False):
+        _warn(notes, f"the model's head is new for these {num_classes} classes")
+    if cfg.drop_path:
+        _warn(notes, f"drop_path={cfg.drop_path} is not applied to a transformers model (its config decides)")
+    return model, kwargs, True
 
 
 def _solve_budget(cfg, model) -> dict:
@@ -118,9 +152,10 @@ def _teacher(cfg, start: nn.Module, trained: bool, notes: list) -> nn.Module | N
             _warn(notes, "the teacher is the randomly initialised starting model (no pretrained weights/checkpoint)")
     else:
         teacher = load_model(None, cfg.teacher)
-        if teacher.num_classes != start.num_classes:
-            raise CheckpointError(f"teacher {cfg.teacher!r} has {teacher.num_classes} classes but the student "
-                                  f"{start.num_classes}; give a teacher trained on the same classes")
+        classes = [family_of(m).num_classes(m) for m in (teacher, start)]
+        if classes[0] != classes[1]:
+            raise CheckpointError(f"teacher {cfg.teacher!r} has {classes[0]} classes but the student {classes[1]}; "
+                                  "give a teacher trained on the same classes")
     tpsvit.unpatch(teacher)
     teacher.eval().requires_grad_(False)
     return teacher
@@ -138,7 +173,16 @@ def build_models(cfg, num_classes: int) -> Models:
         distill_logits = False
     model.__dict__.pop("_tps_fresh_head", None)
     apply_method(model, cfg)
-    return Models(model, teacher, cfg.model, kwargs, notes, distill_logits)
+    return Models(model, teacher, _recorded_name(cfg.model), kwargs, notes, distill_logits)
+
+
+def _recorded_name(model: str) -> str:
+    """The model name checkpoints record: a transformers folder as an absolute path (rebuilt from anywhere)."""
+    from pathlib import Path
+
+    from tpsvit.hf_loading import is_hf_source
+
+    return str(Path(model).resolve()) if is_hf_source(model) and Path(model).is_dir() else model
 
 
 def _snapshot(state):
@@ -180,7 +224,7 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     Returns how many blocks are checkpointed. Works on the block's own class forward at call time, so it follows
     a later patch/unpatch of the model.
     """
-    blocks = list(model.blocks)
+    blocks = family_of(model).blocks(model)
     for block in blocks:
         block.forward = partial(_checkpointed_forward, block)
     return len(blocks)
