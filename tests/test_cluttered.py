@@ -68,10 +68,10 @@ def test_training_batches_get_fresh_clutter_and_replay_exactly(system_files):
     raw = find_data(cfg)
     assert "cluttered" in raw.description and len(raw.train) == 64
 
-    class Model(torch.nn.Module):
-        patch_embed = type("P", (), {"img_size": (56, 56), "proj": torch.nn.Conv2d(1, 4, 8, 8)})()
+    from timm.models.vision_transformer import VisionTransformer
 
-    bundle = build_data(cfg, raw, Model(), 0, 1, 16, 32, pin_memory=False)
+    model = VisionTransformer(img_size=56, patch_size=8, in_chans=1, embed_dim=8, depth=1, num_heads=1)
+    bundle = build_data(cfg, raw, model, 0, 1, 16, 32, pin_memory=False)
     first = [x for x, _ in bundle.train.batches(epoch=0)]
     again = [x for x, _ in bundle.train.batches(epoch=0)]
     later = [x for x, _ in bundle.train.batches(epoch=1)]
