@@ -283,3 +283,40 @@ def test_compile_fullgraph_matches_eager(kind, method, images):
         for want, have in zip(value if isinstance(value, tuple) else (value,),
                               got[key] if isinstance(value, tuple) else (got[key],), strict=True):
             torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "method"), [("vit", "etps"), ("dinov2_registers", "tome"), ("siglip", "dtps")])
+def test_torch_export_with_dynamic_batch_matches_eager(kind, method, images):
+    """transformers materialises an all-visible attention mask while tracing; the patched layers drop it once the
+    sequence is shorter (eager passes None), so the exported program runs the reduced sequence correctly."""
+    model, _ = build(kind)
+    patch(model, method, 0.5)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        exported = torch.export.export(model, (images,), dynamic_shapes={"pixel_values": {0: batch}}).module()
+        for x in (images, images[:1], torch.randn(3, 3, 32, 32)):
+            for got, want in zip(exported(x).values(), outputs(model, x), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_full_length_attention_mask_is_refused_after_a_reduction():
+    from tpsvit.hf import _mask_for
+
+    mask = torch.zeros(1, 1, 65, 65)
+    assert _mask_for(mask, 65) is mask and _mask_for(None, 33) is None
+    with pytest.raises(ValueError, match="attention_mask for 65 tokens cannot apply after tpsvit reduced them to 33"):
+        _mask_for(mask, 33)
+
+
+def test_export_onnx_of_a_classifier(tmp_path, images):
+    pytest.importorskip("onnxruntime", reason="needs the export extra: pip install 'tps-vit[export]'")
+    pytest.importorskip("onnxscript", reason="needs the export extra: pip install 'tps-vit[export]'")
+    model, _ = build("deit_teacher")
+    patch(model, "etps", 0.5)
+    result = tpsvit.export_onnx(model, tmp_path / "deit.onnx", batch_size=2, dynamic_batch=True)
+    assert result["max_abs_diff"] <= 1e-4
+    from tpsvit.export import run_onnx
+
+    with torch.no_grad():
+        expected = model(pixel_values=images[:1]).logits.numpy()
+    assert abs(run_onnx(tmp_path / "deit.onnx", images[:1]) - expected).max() < 1e-4

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from tpsvit.errors import ExportError, InvalidArgumentError, MissingDependencyError
+from tpsvit.families import logits_of
 
 INSTALL_HINT = "pip install 'tps-vit[export]'  (or: pip install onnx onnxruntime onnxscript)"
 DEFAULT_ATOL = 1e-3
@@ -136,8 +137,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, 
     model.eval()
     try:
         with torch.no_grad():
-            reference = model(x).float().cpu().numpy()
-            program = _onnx_program(model, x, dynamic_shapes, opset_version)
+            output = model(x)
+            exported = model if isinstance(output, torch.Tensor) else _Logits(model)  # transformers: a ModelOutput
+            reference = logits_of(output).float().cpu().numpy()
+            program = _onnx_program(exported, x, dynamic_shapes, opset_version)
         for key, value in props.items():
             program.model.metadata_props[key] = value
         atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
@@ -153,6 +156,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, 
             raise ExportError(f"wrote {path}, but onnxruntime's logits differ from PyTorch's by {diff:.3g} "
                               f"(allowed: {atol:g})")
     return result
+
+
+class _Logits(nn.Module):
+    """A transformers classifier as the ONNX file sees it: images in, logits out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(images))
 
 
 def _onnx_program(model: nn.Module, x: torch.Tensor, dynamic_shapes, opset_version):

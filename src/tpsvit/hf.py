@@ -56,12 +56,25 @@ class _HFBlock:
         placement = self._tps_placement
         if placement == "before":
             x = runtime.reduce(self, x, extras)
-        y = runtime.attend(self, family.attn_input(self, x), extras, attention_mask, False)
+        mask = _mask_for(attention_mask, x.shape[1])
+        y = runtime.attend(self, family.attn_input(self, x), extras, mask, False)
         x = x + family.attention_residual(self, y)
         if placement == "inside":
             x = runtime.reduce(self, x, extras)
         x = x + family.mlp_residual(self, x)
         return (x,) if _returns_tuple(self._tps_base) else x
+
+
+def _mask_for(attention_mask: Tensor | None, tokens: int) -> Tensor | None:
+    """The layer's attention mask for ``tokens`` tokens. These encoders have no padding: transformers passes None in
+    eager mode but materialises an all-visible mask for the full sequence while tracing (torch.export), which no
+    longer fits once tokens are reduced and is then dropped; a real mask for the full sequence is refused."""
+    if attention_mask is None or attention_mask.shape[-1] == tokens:
+        return attention_mask
+    if torch.compiler.is_compiling():
+        return None
+    raise ValueError(f"an attention_mask for {attention_mask.shape[-1]} tokens cannot apply after tpsvit reduced "
+                     f"them to {tokens}; run the patched model without attention_mask")
 
 
 _TUPLE: dict[type, bool] = {}
@@ -108,6 +121,17 @@ def masked_path_refusal(model: nn.Module, method: str) -> str | None:
 
 class _HFModel(_Patched):
     """Mixed into the transformers model: a fresh forward state per call of ``model(...)``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        base = cls.__dict__.get("_tps_base")
+        if base is not None:  # keep the model's own signature (pixel_values, ...) for torch.export and friends
+
+            def forward(self, *args, **kwargs):
+                return _HFModel.forward(self, *args, **kwargs)
+
+            forward.__signature__ = inspect.signature(base.forward)
+            cls.forward = forward
 
     def forward(self, *args, **kwargs):
         runtime = self._tps_runtime
