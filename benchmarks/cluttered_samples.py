@@ -17,24 +17,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tpsvit.cluttered import TEST_SEED, ClutterSpec, compose_fixed  # noqa: E402
+from tpsvit.cluttered import TEST_SEED, ClutterSpec, token_kinds  # noqa: E402
 from tpsvit.data import FASHION_MNIST_CLASSES, ClutteredFashionMNIST, FashionMNIST  # noqa: E402
 
 
 def token_census(count: int = 4096, patch: int = 8) -> dict:
     """Mean tokens per test image touched by the garment, by clutter only, and empty."""
-    garments = FashionMNIST(train=False).images
-    full = compose_fixed(garments, TEST_SEED, ClutterSpec())[:count]
-    alone = compose_fixed(garments, TEST_SEED, ClutterSpec(pieces=0))[:count]
-
-    def touched(images):
-        side = images.shape[-1] // patch
-        return images.unfold(1, patch, patch).unfold(2, patch, patch).reshape(len(images), side * side, -1).amax(-1) > 0
-
-    garment, anything = touched(alone), touched(full)
-    return {"tokens": garment.shape[1], "garment": float(garment.sum(1).float().mean()),
-            "clutter_only": float((anything & ~garment).sum(1).float().mean()),
-            "empty": float((~anything).sum(1).float().mean())}
+    _, kinds = token_kinds(FashionMNIST(train=False).images, TEST_SEED, ClutterSpec(), count, patch)
+    per_image = [float((kinds == kind).sum(1).float().mean()) for kind in range(3)]
+    return {"tokens": kinds.shape[1], "garment": per_image[0], "clutter_only": per_image[1], "empty": per_image[2]}
 
 
 def main(argv=None) -> int:

@@ -19,28 +19,12 @@ import torch
 import tpsvit
 from tpsvit.assets import demo_checkpoint
 from tpsvit.budget import solve_keep_rate
-from tpsvit.cluttered import ClutterSpec, compose_fixed
+from tpsvit.cluttered import ClutterSpec, token_kinds
 from tpsvit.data import FashionMNIST, normalize_uint8
 from tpsvit.loading import load_model
 
 KINDS = ("garment", "clutter", "empty")
 SEED = 31337  # training images, composed once with this seed
-
-
-def token_kinds(garments: torch.Tensor, patch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(composed uint8 images, (B, tokens) kind index 0 garment / 1 clutter only / 2 empty)."""
-    full = compose_fixed(garments, SEED, ClutterSpec())
-    alone = compose_fixed(garments, SEED, ClutterSpec(pieces=0))
-
-    def touched(images):
-        side = images.shape[-1] // patch
-        return images.unfold(1, patch, patch).unfold(2, patch, patch).reshape(len(images), side * side, -1).amax(-1) > 0
-
-    garment, anything = touched(alone), touched(full)
-    kinds = torch.full(garment.shape, 2)
-    kinds[anything & ~garment] = 1
-    kinds[garment] = 0
-    return full, kinds
 
 
 def main(argv=None) -> int:
@@ -54,7 +38,7 @@ def main(argv=None) -> int:
     model = load_model(checkpoint=demo_checkpoint(None, "fashion-mnist-cluttered")).eval()
     rate = solve_keep_rate(model, "etps", budget=args.budget, locations=(3, 6, 9))
     tpsvit.patch(model, "etps", keep_rate=rate, locations=(3, 6, 9))
-    images, kinds = token_kinds(FashionMNIST(train=True).images[: args.images])
+    images, kinds = token_kinds(FashionMNIST(train=True).images, SEED, ClutterSpec(), args.images)
     counts = torch.zeros(3, 3, dtype=torch.long)  # pruned kind x host kind
     kept = torch.zeros(3, dtype=torch.long)
     with torch.inference_mode(), tpsvit.tracing(model) as trace:

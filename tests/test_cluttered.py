@@ -80,3 +80,21 @@ def test_training_batches_get_fresh_clutter_and_replay_exactly(system_files):
     assert not torch.equal(first[0], later[0])
     test_images, _ = next(iter(bundle.eval.batches()))
     assert torch.equal(test_images, raw.eval.tensors()[0][:32])
+
+
+def test_token_kinds_split_garment_clutter_and_empty_tokens():
+    from tpsvit.cluttered import ClutterSpec, compose_fixed, token_kinds
+
+    torch.manual_seed(0)
+    garments = torch.randint(1, 256, (12, 28, 28), dtype=torch.uint8)  # every garment pixel is lit
+    images, kinds = token_kinds(garments, 7, ClutterSpec(), 12)
+    assert torch.equal(images, compose_fixed(garments, 7, ClutterSpec()))  # the whole (one-chunk) split
+    garment_tokens = (kinds == 0).sum(1)
+    assert kinds.shape == (12, 49) and ((garment_tokens >= 16) & (garment_tokens <= 25)).all()  # a 28 px square
+    assert (kinds == 1).any() and (kinds == 2).any()
+    lit = images.unfold(1, 8, 8).unfold(2, 8, 8).reshape(12, 49, -1).amax(-1) > 0
+    assert torch.equal(lit, kinds < 2)  # empty tokens are exactly the unlit ones
+    _, alone = token_kinds(garments, 7, ClutterSpec(pieces=0), 12)
+    assert torch.equal(alone == 0, kinds == 0) and not (alone == 1).any()
+    with pytest.raises(ValueError, match="1..4096"):
+        token_kinds(garments, 7, ClutterSpec(), 5000)

@@ -12,7 +12,7 @@ sees new placements and clutter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -73,3 +73,30 @@ def compose_fixed(garments: torch.Tensor, seed: int, spec: ClutterSpec, chunk: i
     """A deterministic cluttered version of a whole split (clutter drawn from the split itself)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.cat([spec.compose(garments[i:i + chunk], garments, gen) for i in range(0, len(garments), chunk)])
+
+
+
+def token_kinds(garments: torch.Tensor, seed: int, spec: ClutterSpec, count: int,
+                patch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` garments composed as one batch from ``seed`` (for ``count`` = 4096, or the whole of a
+    shorter split, the first chunk of ``compose_fixed(garments, seed, spec)``) and, per image, the kind of each
+    ``patch`` x ``patch`` token: 0 the garment touches it, 1 only clutter does, 2 empty ((B, tokens)).
+
+    The garment's own pixels come from composing the same batch without clutter: :meth:`ClutterSpec.compose` draws
+    the garment positions first, so they are the same.
+    """
+    if not 0 < count <= 4096:
+        raise ValueError(f"count must be in 1..4096 (the first chunk of the fixed composition), got {count}")
+    full = spec.compose(garments[:count], garments, torch.Generator().manual_seed(seed))
+    alone = replace(spec, pieces=0).compose(garments[:count], garments, torch.Generator().manual_seed(seed))
+
+    def touched(images: torch.Tensor) -> torch.Tensor:
+        side = images.shape[-1] // patch
+        cells = images.unfold(1, patch, patch).unfold(2, patch, patch).reshape(len(images), side * side, -1)
+        return cells.amax(-1) > 0
+
+    garment, anything = touched(alone), touched(full)
+    kinds = torch.full(garment.shape, 2)
+    kinds[anything & ~garment] = 1
+    kinds[garment] = 0
+    return full, kinds
