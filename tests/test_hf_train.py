@@ -1,6 +1,6 @@
 """`tpsvit train` on Hugging Face transformers classifiers (a save_pretrained folder), on a tiny synthetic
 Fashion-MNIST: the learned methods' masked path, distillation from the unpatched model, checkpoints that eval
-rebuilds, exact resume, gradient checkpointing, and the refusals."""
+rebuilds, exact resume, gradient checkpointing, two DDP ranks, and the refusals."""
 
 from __future__ import annotations
 
@@ -116,3 +116,19 @@ def test_pooling_heads_train_etps_and_refuse_the_learned_methods(data, folders, 
         train(config(data, tmp_path / "dtps", folders["dinov2"], epochs=1))
     with pytest.raises(InvalidArgumentError, match="model_kwargs .* config.json"):
         train(config(data, tmp_path / "kwargs", folders["vit"], model_kwargs={"depth": 2}))
+
+
+def test_two_gloo_ranks_hold_identical_weights(data, folders, tmp_path):
+    import torch.multiprocessing as mp
+    from test_train_run import _ddp_worker, _free_port
+
+    cfg = config(data, tmp_path / "ddp", folders["vit"], batch_size=16, accum_steps=2, epochs=1)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys() and any(k.startswith("tps_predictors.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    exported = load_file(tmp_path / "ddp" / "final.safetensors")
+    for key in a:  # rank 0 exported the weights it holds
+        assert torch.equal(a[key], exported[key]), key
