@@ -132,3 +132,19 @@ def test_two_gloo_ranks_hold_identical_weights(data, folders, tmp_path):
     exported = load_file(tmp_path / "ddp" / "final.safetensors")
     for key in a:  # rank 0 exported the weights it holds
         assert torch.equal(a[key], exported[key]), key
+
+
+def test_start_from_a_tpsvit_checkpoint_with_other_classes(data, folders, tmp_path, capsys):
+    """A checkpoint of the 5-label classifier (one weight marked) starts a 10-class run: its weights, a new head."""
+    from tpsvit.loading import save_checkpoint
+
+    model = load_model(folders["vit"])
+    with torch.no_grad():
+        model.vit.embeddings.cls_token.fill_(7.0)
+    path = save_checkpoint(model, tmp_path / "five.safetensors", folders["vit"], {"num_labels": 5})
+    results = train(config(data, tmp_path / "run", folders["vit"], checkpoint=str(path), method="etps", epochs=1))
+    trained = results["model"]
+    assert trained.classifier.out_features == 10 and trained.config.num_labels == 10
+    assert (trained.vit.embeddings.cls_token - 7.0).abs().max() < 0.1  # started from the checkpoint, not the folder
+    assert "checkpoint head has 5 classes, the data 10: new head" in capsys.readouterr().err
+    assert load_model(checkpoint=results["final"]).classifier.out_features == 10

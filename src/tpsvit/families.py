@@ -76,6 +76,10 @@ class Family:
         classes = getattr(model, "num_classes", None)
         return int(classes) if classes else None
 
+    def reset_head(self, model: nn.Module, num_classes: int) -> None:
+        """A new classifier for ``num_classes`` (fine-tuning on other data)."""
+        model.reset_classifier(num_classes)
+
     def logits_and_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """(class logits, the final tokens the head reads, after the last norm) of one forward pass (training)."""
         features = model.forward_features(x)

@@ -326,6 +326,18 @@ class HFFamily(Family):
             return None
         return int(self._config(model).num_labels)
 
+    def reset_head(self, model, num_classes: int) -> None:
+        """New classifier layer(s) for ``num_classes`` (ViT / DeiT / DINOv2 classifiers), config updated."""
+        heads = [name for name in ("classifier", "cls_classifier", "distillation_classifier")
+                 if isinstance(getattr(model, name, None), nn.Linear)]
+        if not heads:
+            raise UnsupportedModelError(f"{_base_type(model).__name__} has no classifier layer to replace")
+        for name in heads:
+            old = getattr(model, name)
+            setattr(model, name, nn.Linear(old.in_features, num_classes).to(old.weight.device, old.weight.dtype))
+        labels = {i: f"LABEL_{i}" for i in range(num_classes)}
+        model.config.id2label, model.config.label2id = labels, {v: k for k, v in labels.items()}
+
     def logits_and_features(self, model, x):
         """The classifier's logits and its base model's ``last_hidden_state`` (after the final layernorm), caught
         by a hook on the way."""

@@ -85,7 +85,7 @@ def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, b
         kwargs = {**meta.get("model_kwargs", {}), **kwargs}
         if model.num_classes != num_classes:
             _warn(notes, f"checkpoint head has {model.num_classes} classes, the data {num_classes}: new head")
-            model.reset_classifier(num_classes)
+            family_of(model).reset_head(model, num_classes)
             model._tps_fresh_head = True
         kwargs["num_classes"] = num_classes
         return model, kwargs, True
@@ -109,13 +109,21 @@ def _start_hf_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict
                                    "model is configured by its config.json")
     kwargs = {"num_labels": num_classes}
     path = start_checkpoint(cfg)
-    model = load_model(cfg.model, path, **kwargs) if path is not None else load_hf_model(cfg.model, num_classes)
+    if path is None:
+        model = load_hf_model(cfg.model, num_classes)
+        if getattr(model, "_tps_fresh_head", False):
+            _warn(notes, f"the model's head is new for these {num_classes} classes")
+    else:
+        model = load_model(cfg.model, path)
+        family = family_of(model)
+        if family.num_classes(model) != num_classes:
+            _warn(notes, f"checkpoint head has {family.num_classes(model)} classes, the data {num_classes}: new head")
+            family.reset_head(model, num_classes)
+            model._tps_fresh_head = True
     refusal = masked_path_refusal(model, cfg.method) if cfg.method != "none" and get_method(cfg.method).learned \
         else None
     if refusal is not None:
         raise InvalidArgumentError(refusal)
-    if getattr(model, "_tps_fresh_head", False):
-        _warn(notes, f"the model's head is new for these {num_classes} classes")
     if cfg.drop_path:
         _warn(notes, f"drop_path={cfg.drop_path} is not applied to a transformers model (its config decides)")
     return model, kwargs, True
