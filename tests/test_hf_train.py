@@ -116,6 +116,10 @@ def test_pooling_heads_train_etps_and_refuse_the_learned_methods(data, folders, 
         train(config(data, tmp_path / "dtps", folders["dinov2"], epochs=1))
     with pytest.raises(InvalidArgumentError, match="model_kwargs .* config.json"):
         train(config(data, tmp_path / "kwargs", folders["vit"], model_kwargs={"depth": 2}))
+    features = tmp_path / "features"
+    transformers.ViTModel(transformers.ViTConfig(**TINY)).save_pretrained(features)
+    with pytest.raises(InvalidArgumentError, match="ViTModel, a feature extractor; tpsvit train needs a classifier"):
+        train(config(data, tmp_path / "features_run", str(features), epochs=1))
 
 
 def test_two_gloo_ranks_hold_identical_weights(data, folders, tmp_path):

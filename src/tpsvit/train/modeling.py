@@ -120,6 +120,10 @@ def _start_hf_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict
             _warn(notes, f"checkpoint head has {family.num_classes(model)} classes, the data {num_classes}: new head")
             family.reset_head(model, num_classes)
             model._tps_fresh_head = True
+    if family_of(model).num_classes(model) is None:
+        raise InvalidArgumentError(f"{cfg.model} is a {type(model).__name__}, a feature extractor; tpsvit train needs "
+                                   "a classifier (ViTForImageClassification, DeiTForImageClassification, "
+                                   "Dinov2ForImageClassification, ...)")
     refusal = masked_path_refusal(model, cfg.method) if cfg.method != "none" and get_method(cfg.method).learned \
         else None
     if refusal is not None:
