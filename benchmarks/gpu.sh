@@ -3,7 +3,10 @@
 # benchmarks/results/gpu/ (or $OUT); commit them with the README's GPU table.
 #
 #   bash benchmarks/gpu.sh            # all steps (about an hour on one GPU: the compiled speed runs dominate)
-#   STEPS="tests speed" bash benchmarks/gpu.sh   # some of: tests speed train nccl
+#   STEPS="tests speed" bash benchmarks/gpu.sh   # some of: tests speed train nccl hf
+#
+# A short device budget (e.g. 10 minutes a command) does not hold the whole protocol: run the steps one at a time,
+# cheapest first (STEPS=train, STEPS=hf, STEPS=tests, then speed), each with its own OUT/ results committed.
 #
 # Steps:
 #   tests  the test suite on the GPU (tests parametrised over devices run their CUDA cases) -> tests.json
@@ -12,6 +15,8 @@
 #   train  one `tpsvit train` step (dTPS fine-tune of the shipped mini-DeiT on synthetic Fashion-MNIST files) with
 #          bf16 and with fp16 autocast (GradScaler) on cuda -> train_{bf16,fp16}.json
 #   nccl   if two GPUs exist: the same step under `torchrun --nproc_per_node 2` (DDP over NCCL) -> nccl.json
+#   hf     benchmarks/hf_speed.py on cuda with fp16 autocast: HF ViT-B/16 vs timm DeiT-B, unpatched / etps 0.7 / ToMe
+#          at the same GMACs, batch 1, 16 and 64 -> hf_speed.json
 # Every step runs even if an earlier one fails; summary.json lists each step's command, exit code and seconds, and
 # the script exits non-zero when any step failed. Without a CUDA GPU it stops at once with a clear message (exit 3).
 set -uo pipefail
@@ -31,7 +36,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 OUT=${OUT:-benchmarks/results/gpu}
-STEPS=${STEPS:-tests speed train nccl}
+STEPS=${STEPS:-tests speed train nccl hf}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -108,6 +113,11 @@ if wants nccl; then
         echo "== nccl: skipped (one GPU; the two-process NCCL run needs two)"
         printf 'nccl\tskipped\t0\tneeds two GPUs, found %s\n' "$GPUS" >> "$SUMMARY"
     fi
+fi
+
+if wants hf; then
+    step hf_speed "$PY" benchmarks/hf_speed.py --device cuda --amp fp16 --batch-sizes 1 16 64 --runs 20 --repeats 5 \
+        --warmup 5 --json "$OUT/hf_speed.json"
 fi
 
 # --------------------------------------------------------------------------------------------------- the summary
