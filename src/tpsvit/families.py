@@ -175,6 +175,19 @@ class _ViTBlock:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+def _check_blocks(model: nn.Module, block_cls: type, attention_cls, block_hint: str, attention_hint: str) -> nn.Module:
+    """Every block of a timm ``model`` is ``block_cls`` with its own forward (the block mixin composes that
+    forward) and has an ``attention_cls`` attention; else :class:`UnsupportedModelError` with the hint. Returns the
+    last block."""
+    for index, block in enumerate(model.blocks):
+        base = getattr(type(block), "_tps_base", type(block))
+        if not issubclass(base, block_cls) or base.forward is not block_cls.forward:
+            raise UnsupportedModelError(f"block {index} is a {base.__name__}; {block_hint}")
+        if not isinstance(block.attn, attention_cls):
+            raise UnsupportedModelError(f"block {index} uses {type(block.attn).__name__}; {attention_hint}")
+    return block
+
+
 def _capture_qkv(module: nn.Module, args, output: Tensor) -> None:
     module._tps_qkv = output  # popped by take_capture of the same block
 
@@ -194,18 +207,10 @@ class ViTFamily(Family):
         from timm.layers import Attention
         from timm.models.vision_transformer import Block
 
-        for index, block in enumerate(model.blocks):
-            base = getattr(type(block), "_tps_base", type(block))
-            if not issubclass(base, Block) or base.forward is not Block.forward:
-                raise UnsupportedModelError(
-                    f"block {index} is a {base.__name__}; tpsvit supports timm's pre-norm Block (not parallel or "
-                    "post-norm blocks)"
-                )
-            if not isinstance(block.attn, Attention):
-                raise UnsupportedModelError(
-                    f"block {index} uses {type(block.attn).__name__}; tpsvit supports timm's Attention in a "
-                    "VisionTransformer (RoPE ViTs are timm Eva models, which are supported)"
-                )
+        _check_blocks(model, Block, Attention,
+                      "tpsvit supports timm's pre-norm Block (not parallel or post-norm blocks)",
+                      "tpsvit supports timm's Attention in a VisionTransformer (RoPE ViTs are timm Eva models, which "
+                      "are supported)")
 
     def install(self, block):
         block.attn.qkv.register_forward_hook(_capture_qkv)
@@ -313,17 +318,10 @@ class EvaFamily(Family):
         from timm.layers import AttentionRope
         from timm.models.eva import EvaAttention, EvaBlock
 
-        for index, block in enumerate(model.blocks):
-            base = getattr(type(block), "_tps_base", type(block))
-            if not issubclass(base, EvaBlock) or base.forward is not EvaBlock.forward:
-                raise UnsupportedModelError(
-                    f"block {index} is a {base.__name__}; tpsvit supports Eva's pre-norm EvaBlock (not "
-                    "use_post_norm=True: a post-norm block would need its own block wrapper)"
-                )
-            if not isinstance(block.attn, (EvaAttention, AttentionRope)):
-                raise UnsupportedModelError(
-                    f"block {index} uses {type(block.attn).__name__}; tpsvit supports EvaAttention and AttentionRope"
-                )
+        block = _check_blocks(model, EvaBlock, (EvaAttention, AttentionRope),
+                              "tpsvit supports Eva's pre-norm EvaBlock (not use_post_norm=True: a post-norm block "
+                              "would need its own block wrapper)",
+                              "tpsvit supports EvaAttention and AttentionRope")
         if int(block.attn.num_prefix_tokens) != int(model.num_prefix_tokens):
             raise UnsupportedModelError("the attention's prefix-token count differs from the model's")
 
