@@ -41,7 +41,7 @@ import tpsvit
 from tpsvit.bench import input_size
 from tpsvit.data import normalize_uint8, resize_and_expand
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
-from tpsvit.families import family_of, logits_of
+from tpsvit.families import Family, family_of, logits_of
 from tpsvit.flops import counted_gmacs, gmacs
 from tpsvit.loading import save_checkpoint
 from tpsvit.patch import set_predictor_training
@@ -122,12 +122,12 @@ class _EpochBatches:
 class _WithFeatures(nn.Module):
     """The student as DDP sees it: returns (logits, final token features) in one forward."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, family: Family):
         super().__init__()
-        self.model = model
+        self.model, self.family = model, family
 
     def forward(self, x):
-        return family_of(self.model).logits_and_features(self.model, x)
+        return self.family.logits_and_features(self.model, x)
 
 
 def lr_factor(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
@@ -201,9 +201,11 @@ class Run:
         models = build_models(cfg, len(raw.classes))
         print_notes(models.notes, info.is_main)
         self.models, self.model, self.teacher = models, models.student, models.teacher
+        self.family = family_of(self.model)  # looked up once: the training step uses it on every forward
+        self.teacher_family = family_of(self.teacher) if self.teacher is not None else None
         self.data = build_data(cfg, raw, self.model, info.rank, info.world_size, self.per_rank, self.per_rank * 2,
                                pin_memory=info.device.type == "cuda")
-        model_classes = family_of(self.model).num_classes(self.model)
+        model_classes = self.family.num_classes(self.model)
         if len(self.data.classes) != model_classes:
             raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {model_classes}")
         self.steps_per_epoch = len(self.data.train) // self.accum
@@ -298,7 +300,7 @@ class Run:
             self.teacher.to(info.device)
         self.checkpointed_blocks = enable_grad_checkpointing(model) if cfg.grad_checkpointing else 0
         self.target_rates = model.tps.keep_rate if tpsvit.is_patched(model) else None
-        self.net = _WithFeatures(model)
+        self.net = _WithFeatures(model, self.family)
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             # a 1-channel patch embedding's weight has a size-1 dim whose stride autograd lays out differently from
@@ -327,7 +329,7 @@ class Run:
 
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                                switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                               num_classes=family_of(model).num_classes(model))
+                               num_classes=self.family.num_classes(model))
         self.criterion = classification_loss(self.mixup_active, cfg.smoothing)
 
     def _restore(self, state: dict) -> None:
@@ -373,12 +375,11 @@ class Run:
         cfg, model = self.cfg, self.model
         terms = {"ce": self.criterion(logits.float(), target)}
         total = terms["ce"]
-        family = family_of(model)
-        prefix = family.num_prefix_tokens(model)
+        prefix = self.family.num_prefix_tokens(model)
         state = tpsvit.forward_state(model) if tpsvit.is_patched(model) else None
         if self.teacher is not None:
             with torch.no_grad():
-                t_logits, t_features = family.logits_and_features(self.teacher, x)
+                t_logits, t_features = self.teacher_family.logits_and_features(self.teacher, x)
             if self.models.distill_logits:
                 terms["distill"] = logit_distillation(logits, t_logits)
                 total = total + cfg.distill_weight * terms["distill"]
