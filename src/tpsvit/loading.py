@@ -222,25 +222,21 @@ def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = N
 
     state_dict, meta = read_weights(checkpoint) if checkpoint is not None else ({}, {})
     name = name or meta.get("model")
+    kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
     if is_hf_source(name):
-        kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
         if set(kwargs) - {"num_labels"}:
             raise InvalidArgumentError(f"{', '.join(sorted(set(kwargs) - {'num_labels'}))}: a transformers model "
                                        "runs at the image size of its config; set it there (config.image_size)")
         model = load_hf_model(name, kwargs.get("num_labels"))
         model.__dict__.pop("_tps_fresh_head", None)
-        if checkpoint is not None:
-            apply_patch_spec(model, meta.get("patch"))
-            load_weights(model, state_dict, source=f"checkpoint {str(checkpoint)!r}")
-        return model
-    if name is None:
-        raise CheckpointError(f"{str(checkpoint)!r} does not record its model; pass the timm model name too")
-    kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
-    if checkpoint is not None and "num_classes" not in kwargs:
-        head = state_dict.get("head.weight")
-        if head is not None:
-            kwargs["num_classes"] = head.shape[0]
-    model = create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+    else:
+        if name is None:
+            raise CheckpointError(f"{str(checkpoint)!r} does not record its model; pass the timm model name too")
+        if checkpoint is not None and "num_classes" not in kwargs:
+            head = state_dict.get("head.weight")
+            if head is not None:
+                kwargs["num_classes"] = head.shape[0]
+        model = create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
     if checkpoint is not None:
         apply_patch_spec(model, meta.get("patch"))
         load_weights(model, state_dict, source=f"checkpoint {str(checkpoint)!r}")

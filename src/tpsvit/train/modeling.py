@@ -81,12 +81,8 @@ def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, b
         if recorded and recorded != cfg.model:
             raise CheckpointError(f"checkpoint {path!r} is a {recorded!r} but model is {cfg.model!r}; "
                                   f"set model={recorded} or give a checkpoint of {cfg.model}")
-        model = load_model(cfg.model, path, **kwargs, **train_only)
+        model = _fit_head(load_model(cfg.model, path, **kwargs, **train_only), num_classes, notes)
         kwargs = {**meta.get("model_kwargs", {}), **kwargs}
-        if model.num_classes != num_classes:
-            _warn(notes, f"checkpoint head has {model.num_classes} classes, the data {num_classes}: new head")
-            family_of(model).reset_head(model, num_classes)
-            model._tps_fresh_head = True
         kwargs["num_classes"] = num_classes
         return model, kwargs, True
     kwargs.setdefault("num_classes", num_classes)
@@ -95,6 +91,17 @@ def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, b
     if cfg.pretrained and hub_classes not in (None, model.num_classes):
         model._tps_fresh_head = True
     return model, kwargs, cfg.pretrained
+
+
+def _fit_head(model: nn.Module, num_classes: int, notes: list) -> nn.Module:
+    """A checkpoint's model with a new head (flagged ``_tps_fresh_head``) when its classes differ from the data's."""
+    family = family_of(model)
+    classes = family.num_classes(model)
+    if classes != num_classes:
+        _warn(notes, f"checkpoint head has {classes} classes, the data {num_classes}: new head")
+        family.reset_head(model, num_classes)
+        model._tps_fresh_head = True
+    return model
 
 
 def _start_hf_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, bool]:
@@ -114,12 +121,7 @@ def _start_hf_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict
         if getattr(model, "_tps_fresh_head", False):
             _warn(notes, f"the model's head is new for these {num_classes} classes")
     else:
-        model = load_model(cfg.model, path)
-        family = family_of(model)
-        if family.num_classes(model) != num_classes:
-            _warn(notes, f"checkpoint head has {family.num_classes(model)} classes, the data {num_classes}: new head")
-            family.reset_head(model, num_classes)
-            model._tps_fresh_head = True
+        model = _fit_head(load_model(cfg.model, path), num_classes, notes)
     if family_of(model).num_classes(model) is None:
         raise InvalidArgumentError(f"{cfg.model} is a {type(model).__name__}, a feature extractor; tpsvit train needs "
                                    "a classifier (ViTForImageClassification, DeiTForImageClassification, "
