@@ -142,7 +142,7 @@ def visualize(
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         probs, trace = _run(model, chunk)
-        panels = _panel_groups(model, trace)
+        panels = _panel_groups(model, trace, grid[0] * grid[1])
         for i in range(len(chunk)):
             b = start + i
             title = _title(model, names[b], probs[i], None if labels is None else labels[b], class_names)
@@ -185,10 +185,8 @@ def _run(model: nn.Module, images: Tensor) -> tuple[Tensor, Trace]:
     return logits.float().softmax(dim=-1).cpu(), trace
 
 
-def _panel_groups(model: nn.Module, trace: Trace) -> list[tuple[str, Tensor]]:
+def _panel_groups(model: nn.Module, trace: Trace, num_patches: int) -> list[tuple[str, Tensor]]:
     """(panel title, (B, num_patches) token groups) for each configured location."""
-    grid = family_of(model).grid_size(model)
-    num_patches = grid[0] * grid[1]
     steps = [step.block for step in trace.locations]
     panels, tokens = [], num_patches
     for block in model.tps.locations:
