@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_patch import _block_lengths
 from timm.models.eva import Eva
 
 import tpsvit
@@ -79,24 +80,13 @@ def test_keep_rate_one_is_the_unpatched_model_and_round_trip(variant, method, im
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def _lengths(model, images):
-    lengths = []
-    hooks = [b.mlp.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1])) for b in model.blocks]
-    hooks += [b.attn.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1])) for b in model.blocks]
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
-    return list(zip(lengths[0::2], lengths[1::2]))
-
-
 @pytest.mark.parametrize("variant", ["dinov3", "eva02"])
 @pytest.mark.parametrize("method", ALL)
 def test_token_counts_follow_the_schedule(variant, method, images):
     model = _patch(tiny_eva(variant), method, keep_rate=0.6, locations=(1, 3))
     prefix = model.num_prefix_tokens
     expected = [(a + prefix, m + prefix) for a, m in model.tps.patch_tokens_per_block(64)]
-    assert _lengths(model, images) == expected
+    assert _block_lengths(model, images) == expected
 
 
 def _rope_table(model, images):
