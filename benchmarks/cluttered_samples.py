@@ -17,8 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tpsvit.cluttered import TEST_SEED, ClutterSpec, token_kinds  # noqa: E402
-from tpsvit.data import FASHION_MNIST_CLASSES, ClutteredFashionMNIST, FashionMNIST  # noqa: E402
+from tpsvit.data.cluttered import TEST_SEED, ClutterSpec, token_kinds  # noqa: E402
+from tpsvit.data.datasets import FASHION_MNIST_CLASSES, ClutteredFashionMNIST, FashionMNIST  # noqa: E402
 
 
 def token_census(count: int = 4096, patch: int = 8) -> dict:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from tpsvit.bench import environment, format_environment
-from tpsvit.evaluation import format_table, write_json
-from tpsvit.flops import gmacs
-from tpsvit.loading import create_model
+from tpsvit.io.loading import create_model
+from tpsvit.measure.bench import environment, format_environment
+from tpsvit.measure.evaluation import format_table, write_json
+from tpsvit.measure.flops import gmacs
 from tpsvit.patch import patch
 
 MODEL = "deit_small_patch16_224"
@@ -56,7 +56,7 @@ def onnx_runners(models: dict, folder: Path, threads: int) -> tuple[dict, dict]:
     """One ONNX file per model (dynamic batch) and a function running it in onnxruntime; and the export seconds."""
     import onnxruntime as ort
 
-    from tpsvit.export import export_onnx
+    from tpsvit.io.export import export_onnx
 
     runners, seconds = {}, {}
     for label, model in models.items():

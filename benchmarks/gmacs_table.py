@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tpsvit.budget import model_shape, schedule_gmacs, solve_keep_rate, solve_tome_r
-from tpsvit.evaluation import format_table, write_json
-from tpsvit.methods import METHODS
+from tpsvit.core.methods import METHODS
+from tpsvit.measure.budget import model_shape, schedule_gmacs, solve_keep_rate, solve_tome_r
+from tpsvit.measure.evaluation import format_table, write_json
 
 MODELS = {"DeiT-T": "deit_tiny_patch16_224", "DeiT-S": "deit_small_patch16_224", "DeiT-B": "deit_base_patch16_224"}
 LOCATIONS = (3, 6, 9)

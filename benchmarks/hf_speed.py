@@ -3,7 +3,7 @@
 Does the speed-up that etps / ToMe give a timm model carry over to the same architecture in transformers, where
 tpsvit swaps each ``ViTLayer``'s forward for one composed of the layer's own modules, captures q / k with forward
 hooks and keeps transformers' (SDPA) attention? Six models, random weights, eval mode, timed in the same process on
-the same random input, interleaved (tpsvit.bench.benchmark_interleaved), separately for each batch size:
+the same random input, interleaved (tpsvit.measure.bench.benchmark_interleaved), separately for each batch size:
 
 * ``transformers.ViTForImageClassification(ViTConfig(num_labels=1000))``: ViT-B/16 shapes, default SDPA attention;
   unpatched, ``tpsvit.patch(model, "etps", keep_rate=0.7)`` (default locations 3, 6, 9) and ToMe with the r whose
@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from tpsvit.bench import benchmark_interleaved, environment, format_environment
-from tpsvit.budget import schedule_gmacs
-from tpsvit.evaluation import format_table, write_json
-from tpsvit.flops import counted_gmacs, gmacs
-from tpsvit.loading import create_model
+from tpsvit.io.loading import create_model
+from tpsvit.measure.bench import benchmark_interleaved, environment, format_environment
+from tpsvit.measure.budget import schedule_gmacs
+from tpsvit.measure.evaluation import format_table, write_json
+from tpsvit.measure.flops import counted_gmacs, gmacs
 from tpsvit.patch import patch
 
 TIMM = "deit_base_patch16_224"

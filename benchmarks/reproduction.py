@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 import tpsvit
-from tpsvit.assets import demo_checkpoint
-from tpsvit.budget import Variant, plan_variants
-from tpsvit.data import embedded_dataset
-from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs
-from tpsvit.loading import load_model
-from tpsvit.methods import METHODS, get_method
+from tpsvit.core.methods import METHODS, get_method
+from tpsvit.data.datasets import embedded_dataset
+from tpsvit.io.assets import demo_checkpoint
+from tpsvit.io.loading import load_model
+from tpsvit.measure.budget import Variant, plan_variants
+from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs
 from tpsvit.train import train
 from tpsvit.train.recipe import parse_set, resolve
 

@@ -2,7 +2,7 @@
 costs over plain pruning, and the paper's headline (DeiT-S under TPS at a 35% budget vs the unpatched DeiT-T).
 
 All models (random init: speed does not depend on the weights) are timed in the same process on the same random
-input, interleaved round after round (tpsvit.bench.benchmark_interleaved), for each batch size:
+input, interleaved round after round (tpsvit.measure.bench.benchmark_interleaved), for each batch size:
 
 * unpatched DeiT-S; etps / evit / dtps / dynamicvit at each keep rate (locations 3, 6, 9);
 * DeiT-S under etps at a 35% GMACs budget (keep rate solved at 3, 6, 9) and the unpatched DeiT-T.
@@ -22,11 +22,11 @@ import sys
 
 import torch
 
-from tpsvit.bench import benchmark_interleaved, environment, format_environment
-from tpsvit.budget import solve_keep_rate, solve_tome_r
-from tpsvit.evaluation import format_table, write_json
-from tpsvit.flops import gmacs
-from tpsvit.loading import create_model
+from tpsvit.io.loading import create_model
+from tpsvit.measure.bench import benchmark_interleaved, environment, format_environment
+from tpsvit.measure.budget import solve_keep_rate, solve_tome_r
+from tpsvit.measure.evaluation import format_table, write_json
+from tpsvit.measure.flops import gmacs
 from tpsvit.patch import patch
 
 SMALL, TINY = "deit_small_patch16_224", "deit_tiny_patch16_224"

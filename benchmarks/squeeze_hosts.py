@@ -17,11 +17,11 @@ import sys
 import torch
 
 import tpsvit
-from tpsvit.assets import demo_checkpoint
-from tpsvit.budget import solve_keep_rate
-from tpsvit.cluttered import ClutterSpec, token_kinds
-from tpsvit.data import FashionMNIST, normalize_uint8
-from tpsvit.loading import load_model
+from tpsvit.data.cluttered import ClutterSpec, token_kinds
+from tpsvit.data.datasets import FashionMNIST, normalize_uint8
+from tpsvit.io.assets import demo_checkpoint
+from tpsvit.io.loading import load_model
+from tpsvit.measure.budget import solve_keep_rate
 
 KINDS = ("garment", "clutter", "empty")
 SEED = 31337  # training images, composed once with this seed

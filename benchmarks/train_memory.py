@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import tpsvit
-from tpsvit.bench import environment, format_environment
-from tpsvit.evaluation import format_table, write_json
-from tpsvit.loading import create_model
+from tpsvit.io.loading import create_model
+from tpsvit.measure.bench import environment, format_environment
+from tpsvit.measure.evaluation import format_table, write_json
 from tpsvit.train.losses import keep_ratio_loss
 from tpsvit.train.modeling import enable_grad_checkpointing
 

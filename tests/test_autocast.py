@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_vit
 
 import tpsvit
-from tpsvit.reducers import bipartite_merge
-from tpsvit.scoring import class_attention, masked_class_attention, top_k_split
-from tpsvit.squeeze import squeeze_masked, squeeze_with_hosts
+from tpsvit.core.reducers import bipartite_merge
+from tpsvit.core.scoring import class_attention, masked_class_attention, top_k_split
+from tpsvit.core.squeeze import squeeze_masked, squeeze_with_hosts
 
 
 def bf16():

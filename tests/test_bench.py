@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_vit
 
 import tpsvit
-from tpsvit.bench import benchmark_interleaved, environment
 from tpsvit.cli import main
 from tpsvit.errors import InvalidArgumentError
+from tpsvit.measure.bench import benchmark_interleaved, environment
 
 HEADER = ("device", "device_name", "threads", "dtype", "torch", "timm")
 
@@ -84,7 +84,7 @@ def test_bench_cli_budget_error(capsys):
 
 
 def test_timing_waits_on_the_gpu_being_timed(monkeypatch):
-    from tpsvit import bench
+    from tpsvit.measure import bench
 
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
@@ -105,7 +105,7 @@ def test_timing_waits_on_the_gpu_being_timed(monkeypatch):
 def test_bench_and_eval_synchronise_and_set_their_device(module, monkeypatch):
     import importlib
 
-    target = importlib.import_module(f"tpsvit.{module}")
+    target = importlib.import_module(f"tpsvit.measure.{module}")
     calls = []
 
     def sync(device):

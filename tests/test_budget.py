@@ -7,7 +7,8 @@ import timm
 from conftest import tiny_vit
 
 import tpsvit
-from tpsvit.budget import (
+from tpsvit.errors import InvalidArgumentError
+from tpsvit.measure.budget import (
     Variant,
     model_shape,
     plan_variants,
@@ -16,7 +17,6 @@ from tpsvit.budget import (
     solve_tome_r,
     target_gmacs,
 )
-from tpsvit.errors import InvalidArgumentError
 
 DEIT_S = "deit_small_patch16_224"
 
@@ -114,7 +114,7 @@ def test_img_size_budget():
 def test_solved_keep_rate_has_few_decimals_at_a_shared_boundary(model, method, budget):
     """Where several locations step at the same rate (0.5, 5/7), the solver once returned float artefacts such as
     0.50000000002; now the shortest decimal of a real schedule, still within the budget."""
-    from tpsvit.budget import schedule_gmacs, solve_keep_rate
+    from tpsvit.measure.budget import schedule_gmacs, solve_keep_rate
 
     rate = solve_keep_rate(model, method, budget=budget)
     assert len(repr(rate)) <= 6, rate  # e.g. 0.5, 0.714

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_vit
 
 import tpsvit
+from tpsvit.core.scoring import attention_received
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.flops import counted_gmacs, gmacs_per_block
-from tpsvit.scoring import attention_received
+from tpsvit.measure.flops import counted_gmacs, gmacs_per_block
 
 
 def _naive(q, k, scale, num_prefix, bias=None):

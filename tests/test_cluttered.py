@@ -6,9 +6,9 @@ import pytest
 import torch
 from fmnist_files import write_fashion_mnist
 
-import tpsvit.data
-from tpsvit.cluttered import ClutterSpec
-from tpsvit.data import ClutteredFashionMNIST, build_dataset
+import tpsvit.data.datasets
+from tpsvit.data.cluttered import ClutterSpec
+from tpsvit.data.datasets import ClutteredFashionMNIST, build_dataset
 from tpsvit.train.data_loading import build_data, find_data
 from tpsvit.train.recipe import resolve
 
@@ -17,7 +17,7 @@ from tpsvit.train.recipe import resolve
 def system_files(tmp_path, monkeypatch):
     """Synthetic Fashion-MNIST files where tpsvit looks for the Debian package's."""
     folder = write_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=40)
-    monkeypatch.setattr(tpsvit.data, "SYSTEM_DIR", folder)
+    monkeypatch.setattr(tpsvit.data.datasets, "SYSTEM_DIR", folder)
     return folder
 
 
@@ -83,7 +83,7 @@ def test_training_batches_get_fresh_clutter_and_replay_exactly(system_files):
 
 
 def test_token_kinds_split_garment_clutter_and_empty_tokens():
-    from tpsvit.cluttered import ClutterSpec, compose_fixed, token_kinds
+    from tpsvit.data.cluttered import ClutterSpec, compose_fixed, token_kinds
 
     torch.manual_seed(0)
     garments = torch.randint(1, 256, (12, 28, 28), dtype=torch.uint8)  # every garment pixel is lit

@@ -6,8 +6,8 @@ import torch
 from fmnist_files import idx_bytes, write_idx
 from PIL import Image
 
-from tpsvit import data
-from tpsvit.data import (
+from tpsvit.data import datasets as data
+from tpsvit.data.datasets import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     FashionMNIST,
@@ -215,7 +215,7 @@ def test_grey_image_folder_for_a_one_channel_model(tmp_path):
     model's mean/std; an RGB folder still loads for a 1-channel model (converted to grey), and vice versa."""
     import timm
 
-    import tpsvit.models  # noqa: F401
+    import tpsvit.io.models  # noqa: F401
 
     rng = np.random.default_rng(0)
     root = tmp_path / "grey"

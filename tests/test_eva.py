@@ -9,9 +9,9 @@ from test_patch import _block_lengths
 from timm.models.eva import Eva
 
 import tpsvit
+from tpsvit.core.methods import METHODS
 from tpsvit.families import gather_rope
-from tpsvit.flops import counted_gmacs
-from tpsvit.methods import METHODS
+from tpsvit.measure.flops import counted_gmacs
 
 ALL = list(METHODS)
 

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import tpsvit
 from tpsvit.cli import main
-from tpsvit.data import SYSTEM_DIR
-from tpsvit.evaluation import evaluate_accuracy, evaluate_many, format_table
-from tpsvit.loading import save_checkpoint
+from tpsvit.data.datasets import SYSTEM_DIR
+from tpsvit.io.loading import save_checkpoint
+from tpsvit.measure.evaluation import evaluate_accuracy, evaluate_many, format_table
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
 
@@ -40,7 +40,7 @@ def image_folder(tmp_path):
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = tpsvit.loading.create_model("vit_tiny_patch16_224", **TINY)
+    model = tpsvit.io.loading.create_model("vit_tiny_patch16_224", **TINY)
     return save_checkpoint(model, tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
 
 
@@ -119,7 +119,7 @@ def test_eval_image_folder_end_to_end(image_folder, tiny_checkpoint, tmp_path):
 
 def test_fine_tuned_checkpoint_is_labelled(fmnist_dir, tmp_path):
     torch.manual_seed(0)
-    model = tpsvit.patch(tpsvit.loading.create_model("deit_mini_patch4_28"), "dtps", 0.7)
+    model = tpsvit.patch(tpsvit.io.loading.create_model("deit_mini_patch4_28"), "dtps", 0.7)
     path = save_checkpoint(model, tmp_path / "dtps.safetensors", "deit_mini_patch4_28", recipe="fmnist-finetune")
     out = tmp_path / "out"
     code = run_eval("--checkpoint", path, "--data", fmnist_dir, "--methods", "dtps", "dynamicvit", "etps",
@@ -202,7 +202,7 @@ def test_eval_grey_image_folder_with_a_grey_model(tmp_path, capsys):
 def test_head_larger_than_the_dataset_warns_on_one_line(image_folder, tmp_path, capsys):
     torch.manual_seed(0)
     kwargs = dict(TINY, num_classes=1000)
-    model = tpsvit.loading.create_model("vit_tiny_patch16_224", **kwargs)
+    model = tpsvit.io.loading.create_model("vit_tiny_patch16_224", **kwargs)
     checkpoint = save_checkpoint(model, tmp_path / "wide.safetensors", "vit_tiny_patch16_224", kwargs)
     assert run_eval("--checkpoint", checkpoint, "--data", image_folder, "--workers", 0, "--keep-rates", "0.5",
                     "--locations", "1", "2") == 0

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_vit
 
 import tpsvit
-from tpsvit.reducers import fuse_one_reduce
+from tpsvit.core.reducers import fuse_one_reduce
 
 
 def test_fused_token_is_the_attention_weighted_sum():

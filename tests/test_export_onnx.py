@@ -12,12 +12,12 @@ from conftest import VARIANTS, tiny_vit
 
 import tpsvit
 from tpsvit.cli import main
-from tpsvit.loading import save_checkpoint
+from tpsvit.io.loading import save_checkpoint
 
 pytest.importorskip("onnxruntime", reason="needs the export extra: pip install 'tps-vit[export]'")
 pytest.importorskip("onnxscript", reason="needs the export extra: pip install 'tps-vit[export]'")
 
-from tpsvit import export  # noqa: E402
+from tpsvit.io import export  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
 
@@ -39,7 +39,7 @@ def test_export_onnx_matches_pytorch_and_records_the_patch(tmp_path, method, kin
     assert result["max_abs_diff"] <= 1e-4 and path.is_file()
     assert result["input_shape"] == ["batch" if dynamic else 2, 3, 32, 32]
     meta = export.read_metadata(path)
-    assert json.loads(meta["tpsvit.patch"]) == tpsvit.loading.patch_spec(model)
+    assert json.loads(meta["tpsvit.patch"]) == tpsvit.io.loading.patch_spec(model)
     assert meta["tpsvit.model"] == "tiny" and meta["tpsvit.version"] == tpsvit.__version__
     for n in ((3, 1) if dynamic else (2,)):
         torch.manual_seed(n)
@@ -81,7 +81,7 @@ def test_import_tpsvit_does_not_import_onnx():
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = tpsvit.loading.create_model("vit_tiny_patch16_224", **TINY)
+    model = tpsvit.io.loading.create_model("vit_tiny_patch16_224", **TINY)
     return str(save_checkpoint(model, tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY))
 
 
@@ -108,9 +108,9 @@ def test_cli_export_end_to_end(tiny_checkpoint, tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size"),
 ])
 def test_cli_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys, extra, message, monkeypatch):
-    import tpsvit.assets
+    import tpsvit.io.assets
 
-    monkeypatch.setattr(tpsvit.assets, "demo_checkpoint", lambda *a, **k: tiny_checkpoint)  # the default model
+    monkeypatch.setattr(tpsvit.io.assets, "demo_checkpoint", lambda *a, **k: tiny_checkpoint)  # the default model
     (tmp_path / "file").write_text("x")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     onnx = [] if "--onnx" in extra else ["--onnx", str(tmp_path / "m.onnx")]

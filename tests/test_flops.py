@@ -9,7 +9,7 @@ from conftest import VARIANTS, tiny_vit
 
 import tpsvit
 from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
-from tpsvit.flops import counted_gmacs, gmacs_per_block, register_cpu_attention_formula, vit_shape
+from tpsvit.measure.flops import counted_gmacs, gmacs_per_block, register_cpu_attention_formula, vit_shape
 
 
 def meta_model(name: str, **kwargs):

@@ -216,7 +216,7 @@ def test_unsupported_transformers_class_names_the_supported_ones():
 def test_gmacs_match_the_flop_counter(kind, method):
     """The analytic count covers each family's embedding, layers and head (SigLIP's attention pool, DINOv2's
     two-token classifier, DeiT's two heads, ViT's pooler, CLIP's projection) and equals FlopCounterMode's."""
-    from tpsvit.flops import counted_gmacs
+    from tpsvit.measure.flops import counted_gmacs
 
     model, _ = build(kind)
     if method is not None:
@@ -300,7 +300,7 @@ def test_torch_export_with_dynamic_batch_matches_eager(kind, method, images):
 
 
 def test_a_full_length_attention_mask_is_refused_after_a_reduction():
-    from tpsvit.hf import _mask_for
+    from tpsvit.families.hf_common import _mask_for
 
     mask = torch.zeros(1, 1, 65, 65)
     assert _mask_for(mask, 65) is mask and _mask_for(None, 33) is None
@@ -315,7 +315,7 @@ def test_export_onnx_of_a_classifier(tmp_path, images):
     patch(model, "etps", 0.5)
     result = tpsvit.export_onnx(model, tmp_path / "deit.onnx", batch_size=2, dynamic_batch=True)
     assert result["max_abs_diff"] <= 1e-4
-    from tpsvit.export import run_onnx
+    from tpsvit.io.export import run_onnx
 
     with torch.no_grad():
         expected = model(pixel_values=images[:1]).logits.numpy()

@@ -32,7 +32,7 @@ def classifier(tmp_path_factory):
 
 
 def tiny_timm_checkpoint(folder) -> str:
-    from tpsvit.loading import create_model, save_checkpoint
+    from tpsvit.io.loading import create_model, save_checkpoint
 
     model = create_model("deit_mini_patch4_28")
     return str(save_checkpoint(model, folder / "timm.safetensors", "deit_mini_patch4_28"))
@@ -61,7 +61,7 @@ def test_bench_on_a_folder(classifier, tmp_path, capsys):
 
 
 def test_eval_on_a_folder_reads_the_logits(classifier, tmp_path, capsys):
-    from tpsvit.data import build_dataset
+    from tpsvit.data.datasets import build_dataset
 
     code = main(["eval", "--model", classifier, "--methods", "etps", "--keep-rates", "0.5", *PATCH, "--limit", "64",
                  "--no-progress", "--out", str(tmp_path)])
@@ -97,7 +97,7 @@ def test_the_preprocessor_config_gives_the_normalisation(tmp_path):
 
 
 def test_clear_one_line_errors(classifier, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("tpsvit.loading._reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr("tpsvit.io.hub.reachable", lambda host, timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     cases = [
         (["flops", "--model", "hf:someone/not-cached"], "no network.*save_pretrained"),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import tpsvit
 from tpsvit.cli import main as cli_main
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.loading import load_model
+from tpsvit.io.loading import load_model
 from tpsvit.train import train
 
 transformers = pytest.importorskip("transformers")
@@ -140,7 +140,7 @@ def test_two_gloo_ranks_hold_identical_weights(data, folders, tmp_path):
 
 def test_start_from_a_tpsvit_checkpoint_with_other_classes(data, folders, tmp_path, capsys):
     """A checkpoint of the 5-label classifier (one weight marked) starts a 10-class run: its weights, a new head."""
-    from tpsvit.loading import save_checkpoint
+    from tpsvit.io.loading import save_checkpoint
 
     model = load_model(folders["vit"])
     with torch.no_grad():

@@ -7,15 +7,16 @@ import time
 import pytest
 import torch
 
-from tpsvit import loading
 from tpsvit.errors import CheckpointError
+from tpsvit.io import hub as tps_hub
+from tpsvit.io import loading
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 
 
 def test_no_network_fails_fast_on_one_line_with_the_offline_routes(monkeypatch, tmp_path):
     hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(loading, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(tps_hub, "reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     before = hub.constants.HF_HUB_OFFLINE
@@ -34,7 +35,7 @@ def test_a_local_weights_file_needs_no_network(monkeypatch, tmp_path):
     def no_probe(host, timeout=3.0):
         raise AssertionError("a local file must not touch the network")
 
-    monkeypatch.setattr(loading, "_reachable", no_probe)
+    monkeypatch.setattr(tps_hub, "reachable", no_probe)
     torch.manual_seed(0)
     source = loading.create_model("vit_tiny_patch16_224", **TINY)
     path = tmp_path / "weights.pth"
@@ -49,7 +50,7 @@ def test_a_local_weights_file_needs_no_network(monkeypatch, tmp_path):
 
 def test_unknown_model_suggests_close_names():
     from tpsvit.errors import InvalidArgumentError
-    from tpsvit.loading import create_model
+    from tpsvit.io.loading import create_model
 
     with pytest.raises(InvalidArgumentError, match=r"'deit_smal_patch16_224'; did you mean deit_small_patch16_224"):
         create_model("deit_smal_patch16_224")

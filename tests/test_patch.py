@@ -6,8 +6,8 @@ import torch
 from conftest import VARIANTS, tiny_vit
 
 import tpsvit
+from tpsvit.core.methods import METHODS
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.methods import METHODS
 
 ALL = list(METHODS)
 CLS_FREE = ["dtps", "dynamicvit", "tome"]
@@ -320,8 +320,8 @@ def test_models_that_are_not_vits_are_refused():
 
 
 def test_release_keep_rates_reproduce_the_release_counts():
-    from tpsvit.config import make_config
-    from tpsvit.methods import release_keep_rates
+    from tpsvit.core.config import make_config
+    from tpsvit.core.methods import release_keep_rates
 
     for ratio, counts in ((0.7, [137, 96, 67]), (0.5, [98, 49, 24]), (0.3, [58, 17, 5])):
         assert [int(196 * ratio ** (i + 1)) for i in range(3)] == counts  # the release: int(N * ratio^i)

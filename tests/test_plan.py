@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_vit
 
 import tpsvit
-from tpsvit.budget import schedule_gmacs
+from tpsvit.measure.budget import schedule_gmacs
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tpsvit
-from tpsvit.squeeze import squeeze_masked, squeeze_with_hosts
+from tpsvit.core.squeeze import squeeze_masked, squeeze_with_hosts
 
 
 def naive_squeeze(reserved, pruned, temperature=1.0):

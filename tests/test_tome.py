@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_vit
 
 import tpsvit
-from tpsvit.reducers import bipartite_merge, bipartite_split
+from tpsvit.core.reducers import bipartite_merge, bipartite_split
 
 
 def test_split_alternates_over_the_whole_sequence():

@@ -98,7 +98,7 @@ def test_cli_help_states_the_learning_rate_rule(capsys):
 def test_budget_solves_the_keep_rate_before_training():
     import timm
 
-    from tpsvit.flops import gmacs
+    from tpsvit.measure.flops import gmacs
     from tpsvit.train.modeling import apply_method
 
     model = timm.create_model("deit_mini_patch4_28", depth=4, embed_dim=32, num_heads=2)
@@ -130,7 +130,7 @@ def test_param_groups_default_to_the_releases_single_group():
 def test_predictor_starts_as_the_release_init():
     import torch
 
-    from tpsvit.scoring import TokenPredictor
+    from tpsvit.core.scoring import TokenPredictor
 
     torch.manual_seed(0)
     predictor = TokenPredictor(192)
@@ -144,8 +144,8 @@ def test_predictor_starts_as_the_release_init():
 def test_finetune_recipes_start_from_the_shipped_model(tmp_path):
     from fmnist_files import write_fashion_mnist
 
-    from tpsvit.assets import ASSETS, demo_checkpoint
     from tpsvit.errors import CheckpointError
+    from tpsvit.io.assets import ASSETS, demo_checkpoint
     from tpsvit.train import train
     from tpsvit.train.modeling import start_checkpoint
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import tpsvit
 from tpsvit.cli import main as cli_main
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
-from tpsvit.loading import load_model
+from tpsvit.io.loading import load_model
 from tpsvit.train import train
 from tpsvit.train.modeling import enable_grad_checkpointing
 
@@ -60,7 +60,7 @@ def test_scratch_run_learns_and_writes_everything(scratch):
     state = torch.load(out / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "epoch", "global_step"} <= set(state)
     model = load_model(checkpoint=out / "final.safetensors")
-    meta = json.loads(json.dumps(tpsvit.loading.checkpoint_metadata(out / "best.safetensors")))
+    meta = json.loads(json.dumps(tpsvit.io.loading.checkpoint_metadata(out / "best.safetensors")))
     assert meta["seed"] == 0 and meta["test_top1"] == pytest.approx(scratch["best_top1"]) and meta["command"]
     assert model.embed_dim == 32 and len(model.blocks) == 4
 

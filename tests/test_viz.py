@@ -13,9 +13,9 @@ from test_restore import hand_trace
 
 import tpsvit
 from tpsvit.cli import main
-from tpsvit.data import FASHION_MNIST_MEAN
+from tpsvit.data.datasets import FASHION_MNIST_MEAN
 from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
-from tpsvit.loading import save_checkpoint
+from tpsvit.io.loading import save_checkpoint
 from tpsvit.viz import DROPPED, FUSED, PALETTE, _compose, host_colours, model_data_config, token_groups, visualize
 
 TINY_KWARGS = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=7)
@@ -132,7 +132,7 @@ def test_keep_rate_one_draws_every_token_kept(tmp_path, image):
 
 
 def test_grey_28px_model_uses_fashion_mnist_statistics(tmp_path):
-    model = timm.create_model(tpsvit.models.MINI_DEIT, **GREY_KWARGS).eval()
+    model = timm.create_model(tpsvit.io.models.MINI_DEIT, **GREY_KWARGS).eval()
     cfg = model_data_config(model)
     assert cfg["input_size"] == (1, 28, 28) and cfg["mean"] == (FASHION_MNIST_MEAN,)
     tpsvit.patch(model, "etps", 0.7, (1, 2))
@@ -184,8 +184,8 @@ def tiny_checkpoint(tmp_path):
 def grey_checkpoint(tmp_path):
     """A 4-block grey 28x28 mini-DeiT, patched with dTPS at blocks 1 and 2 (recorded in the checkpoint)."""
     torch.manual_seed(0)
-    model = tpsvit.patch(timm.create_model(tpsvit.models.MINI_DEIT, **GREY_KWARGS), "dtps", 0.5, (1, 2))
-    return str(save_checkpoint(model, tmp_path / "grey.safetensors", tpsvit.models.MINI_DEIT, GREY_KWARGS))
+    model = tpsvit.patch(timm.create_model(tpsvit.io.models.MINI_DEIT, **GREY_KWARGS), "dtps", 0.5, (1, 2))
+    return str(save_checkpoint(model, tmp_path / "grey.safetensors", tpsvit.io.models.MINI_DEIT, GREY_KWARGS))
 
 
 def test_cli_on_an_image_file_and_a_folder(tmp_path, tiny_checkpoint, capsys):
@@ -222,7 +222,7 @@ def test_cli_on_fashion_mnist_samples_with_the_recorded_patch(tmp_path, fmnist, 
 
 
 def test_cli_defaults_to_the_shipped_demo_model(tmp_path, fmnist, grey_checkpoint, monkeypatch):
-    assets = pytest.importorskip("tpsvit.assets")
+    assets = pytest.importorskip("tpsvit.io.assets")
     monkeypatch.setattr(assets, "demo_checkpoint", lambda method=None: grey_checkpoint)
     out = tmp_path / "out"
     assert main(["viz", "--data", str(fmnist), "--samples", "1", "--dpi", "40", "--out", str(out)]) == 0
@@ -255,7 +255,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(argv, pattern, tmp_path, fmnist, ti
     (tmp_path / "empty").mkdir()
     if None in argv:  # no model at all, and no shipped demo model
         argv = [a for a in argv if a not in ("--checkpoint", "--model", None)]
-        assets = pytest.importorskip("tpsvit.assets")
+        assets = pytest.importorskip("tpsvit.io.assets")
         monkeypatch.setattr(assets, "demo_checkpoint", _fail_demo)
     elif "--checkpoint" not in argv and "--model" not in argv:
         argv = [*argv, "--checkpoint", tiny_checkpoint] + ([] if "--locations" in argv else ["--locations", "1", "3"])

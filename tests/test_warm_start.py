@@ -7,7 +7,7 @@ import timm
 import torch
 
 import tpsvit
-from tpsvit.scoring import masked_class_attention
+from tpsvit.core.scoring import masked_class_attention
 from tpsvit.train.warm_start import warm_start_predictors
 
 

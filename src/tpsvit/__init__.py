@@ -8,6 +8,7 @@ is already imported (``import timm, tpsvit``), else when the API is first used.
 import sys
 import types
 
+from tpsvit._moved import install as _install_moved_paths
 from tpsvit.errors import (
     CheckpointError,
     DatasetError,
@@ -19,13 +20,14 @@ from tpsvit.errors import (
 )
 
 __version__ = "0.1.0"
+_install_moved_paths()  # old module paths (tpsvit.trace, tpsvit.loading, ...) give the moved modules
 
 # public name -> module that defines it (imported together on first use of any of them)
 _API = {
-    "benchmark": "tpsvit.bench",
-    "TPSConfig": "tpsvit.config",
-    "gmacs": "tpsvit.flops",
-    "METHODS": "tpsvit.methods",
+    "benchmark": "tpsvit.measure.bench",
+    "TPSConfig": "tpsvit.core.config",
+    "gmacs": "tpsvit.measure.flops",
+    "METHODS": "tpsvit.core.methods",
     "ForwardState": "tpsvit.patch",
     "forward_state": "tpsvit.patch",
     "is_patched": "tpsvit.patch",
@@ -33,16 +35,16 @@ _API = {
     "set_keep_rate": "tpsvit.patch",
     "tracing": "tpsvit.patch",
     "unpatch": "tpsvit.patch",
-    "Schedule": "tpsvit.plan",
-    "plan": "tpsvit.plan",
-    "squeeze": "tpsvit.squeeze",
-    "squeeze_masked": "tpsvit.squeeze",
-    "LocationTrace": "tpsvit.trace",
-    "Trace": "tpsvit.trace",
-    "restore": "tpsvit.trace",
+    "Schedule": "tpsvit.measure.plan",
+    "plan": "tpsvit.measure.plan",
+    "squeeze": "tpsvit.core.squeeze",
+    "squeeze_masked": "tpsvit.core.squeeze",
+    "LocationTrace": "tpsvit.core.trace",
+    "Trace": "tpsvit.core.trace",
+    "restore": "tpsvit.core.trace",
 }
 # imported only when asked for: matplotlib for token maps, onnx for export
-_ON_DEMAND = {"visualize": "tpsvit.viz", "export_onnx": "tpsvit.export", "load_model": "tpsvit.loading"}
+_ON_DEMAND = {"visualize": "tpsvit.viz", "export_onnx": "tpsvit.io.export", "load_model": "tpsvit.io.loading"}
 _loading = False
 
 
@@ -56,7 +58,7 @@ def _load_api() -> None:
     try:
         import importlib
 
-        import tpsvit.models  # noqa: F401  (registers the demo ViTs with timm)
+        import tpsvit.io.models  # noqa: F401  (registers the demo ViTs with timm)
 
         modules = {name: importlib.import_module(name) for name in set(_API.values())}
         package = sys.modules[__name__]

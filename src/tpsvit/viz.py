@@ -21,12 +21,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor, nn
 
-from tpsvit.bench import input_size
-from tpsvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from tpsvit.core.trace import Trace
+from tpsvit.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
 from tpsvit.families import family_of, logits_of
+from tpsvit.measure.bench import input_size
 from tpsvit.patch import is_patched, tracing
-from tpsvit.trace import Trace
 
 DROPPED = -1  # token_groups: the patch's token was dropped (DynamicViT)
 FUSED = -2  # token_groups: the patch's token went into EViT's fused token (which has no grid cell)

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def compare_speed(models: dict, gmacs_of: dict, batch_size: int, **timing) -> list[dict]:
     """Time ``models`` interleaved and add GMACs, speed-up over the first model (the unpatched one), the GMACs ratio
     and the speed-up as a fraction of that ratio."""
-    from tpsvit.bench import benchmark_interleaved
+    from tpsvit.measure.bench import benchmark_interleaved
 
     results = benchmark_interleaved(models, batch_size=batch_size, **timing)
     labels = list(models)
@@ -59,10 +59,10 @@ def compare_speed(models: dict, gmacs_of: dict, batch_size: int, **timing) -> li
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tpsvit.bench import environment, format_environment
     from tpsvit.commands.flops import load_base_model, make_variant, variants_from_args
-    from tpsvit.evaluation import format_table, write_json
-    from tpsvit.flops import gmacs
+    from tpsvit.measure.bench import environment, format_environment
+    from tpsvit.measure.evaluation import format_table, write_json
+    from tpsvit.measure.flops import gmacs
 
     if args.threads is not None:
         if args.threads < 1:

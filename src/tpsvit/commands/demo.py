@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tpsvit.assets import DEFAULT_DATA, DEMO_MODELS, demo_checkpoint
+from tpsvit.core.methods import METHODS
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.methods import METHODS
+from tpsvit.io.assets import DEFAULT_DATA, DEMO_MODELS, demo_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from tpsvit.budget import Variant
+    from tpsvit.measure.budget import Variant
 
 DEFAULT_BUDGETS = (0.65, 0.5, 0.35)
 
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _models(args) -> tuple[torch.nn.Module, dict, dict[str, torch.nn.Module], dict[str, dict]]:
-    from tpsvit.loading import checkpoint_metadata, load_model
+    from tpsvit.io.loading import checkpoint_metadata, load_model
 
     base_path = args.checkpoint or demo_checkpoint(None, args.data)
     base = load_model(checkpoint=base_path).eval()
@@ -68,8 +68,8 @@ def _models(args) -> tuple[torch.nn.Module, dict, dict[str, torch.nn.Module], di
 
 
 def _variants(base, methods, budgets, auto: bool = False, tuned=None, calib=None, batch_size=500) -> list[Variant]:
-    from tpsvit.budget import Variant, plan_variants
     from tpsvit.commands.evaluate import auto_variant
+    from tpsvit.measure.budget import Variant, plan_variants
 
     variants = [Variant()]
     for budget in budgets:
@@ -84,12 +84,12 @@ def _variants(base, methods, budgets, auto: bool = False, tuned=None, calib=None
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tpsvit.bench import environment, format_environment
     from tpsvit.commands.evaluate import COLUMNS, weights_status
     from tpsvit.commands.flops import with_scorer
-    from tpsvit.data import embedded_dataset
-    from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
-    from tpsvit.flops import gmacs
+    from tpsvit.data.datasets import embedded_dataset
+    from tpsvit.measure.bench import environment, format_environment
+    from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
+    from tpsvit.measure.flops import gmacs
 
     start = time.perf_counter()
     if args.threads is not None:
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _token_maps(models, variants, images, labels, out: Path) -> list[Path]:
     """One token map of the first test image for each method, at the middle budget."""
-    from tpsvit.data import FASHION_MNIST_CLASSES
+    from tpsvit.data.datasets import FASHION_MNIST_CLASSES
     from tpsvit.viz import visualize
 
     budgets = sorted({v.budget for v in variants if v.budget})

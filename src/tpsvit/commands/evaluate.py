@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tpsvit.commands.options import add_model_arguments, add_variant_arguments
+from tpsvit.core.methods import get_method
 from tpsvit.errors import DatasetError, InvalidArgumentError, UnsupportedModelError
-from tpsvit.methods import get_method
 
 if TYPE_CHECKING:
-    from tpsvit.budget import Variant
+    from tpsvit.measure.budget import Variant
 
 COLUMNS = [
     ("name", "method", ""),
@@ -97,8 +97,8 @@ def load_data(args: argparse.Namespace, model):
     import torch
     from torch.utils.data import DataLoader
 
-    from tpsvit.bench import input_size
-    from tpsvit.data import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset, num_classes_of
+    from tpsvit.data.datasets import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset, num_classes_of
+    from tpsvit.measure.bench import input_size
 
     chans, h, w = input_size(model)
     data = args.data
@@ -124,17 +124,17 @@ def load_data(args: argparse.Namespace, model):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tpsvit.bench import environment, format_environment
     from tpsvit.commands.flops import load_base_model, make_variant, variants_from_args, with_scorer
-    from tpsvit.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
     from tpsvit.families import family_of
-    from tpsvit.flops import gmacs
-    from tpsvit.hf_loading import is_hf_source
-    from tpsvit.loading import checkpoint_metadata
+    from tpsvit.io.hf_loading import is_hf_source
+    from tpsvit.io.loading import checkpoint_metadata
+    from tpsvit.measure.bench import environment, format_environment
+    from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
+    from tpsvit.measure.flops import gmacs
 
     checkpoint = args.checkpoint
     if args.model is None and checkpoint is None:
-        from tpsvit.assets import demo_checkpoint
+        from tpsvit.io.assets import demo_checkpoint
 
         checkpoint = args.checkpoint = str(demo_checkpoint())
     base = load_base_model(args, default_model=None)  # reads and checks the checkpoint first
@@ -197,8 +197,8 @@ def load_calibration(args: argparse.Namespace, model):
     """The first ``--calib-images`` training images: Fashion-MNIST's training split, or ``--calib-data``."""
     from torch.utils.data import DataLoader
 
-    from tpsvit.bench import input_size
-    from tpsvit.data import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset
+    from tpsvit.data.datasets import DEFAULT_DATA_BY_INPUT, FashionMNIST, build_dataset
+    from tpsvit.measure.bench import input_size
 
     if isinstance(args.calib_images, bool) or args.calib_images < 1:
         raise InvalidArgumentError(f"--calib-images must be >= 1, got {args.calib_images}")
@@ -220,7 +220,7 @@ def load_calibration(args: argparse.Namespace, model):
 
 def auto_schedules(args: argparse.Namespace, base, variants: list[Variant]) -> tuple[list[Variant], list]:
     """Replace each budget row's schedule by the best one :func:`tpsvit.plan` finds on calibration images."""
-    from tpsvit.budget import schedule_gmacs
+    from tpsvit.measure.budget import schedule_gmacs
 
     budget_rows = [v for v in variants if v.budget and v.method is not None]
     if not budget_rows:
@@ -242,7 +242,7 @@ def auto_schedules(args: argparse.Namespace, base, variants: list[Variant]) -> t
 def auto_variant(base, variant: Variant, budget: float, calib, what: str, batch_size: int, img_size=None):
     """``variant`` with the schedule :func:`tpsvit.plan` picks for ``budget`` (printed), and that schedule; a learned
     method without its trained predictors keeps its fixed schedule (schedule None)."""
-    from tpsvit.plan import plan
+    from tpsvit.measure.plan import plan
 
     try:
         schedule = plan(base, variant.method, budget, data=calib, batch_size=batch_size, img_size=img_size)

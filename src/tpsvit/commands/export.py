@@ -13,8 +13,8 @@ import argparse
 import json
 
 from tpsvit.commands.options import add_model_arguments
+from tpsvit.core.methods import METHODS
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.methods import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from tpsvit.commands.flops import load_base_model, make_variant
-    from tpsvit.export import check_writable, export_onnx, require_export_dependencies
-    from tpsvit.loading import checkpoint_metadata
+    from tpsvit.io.export import check_writable, export_onnx, require_export_dependencies
+    from tpsvit.io.loading import checkpoint_metadata
 
     require_export_dependencies()  # before loading anything
     check_writable(Path(args.onnx))
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.model is None and args.checkpoint is None:
-        from tpsvit.assets import demo_checkpoint
+        from tpsvit.io.assets import demo_checkpoint
 
         args.checkpoint = str(demo_checkpoint())
     base = load_base_model(args, default_model=None).eval()

@@ -14,10 +14,10 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments
-from tpsvit.config import DEFAULT_LOCATIONS
+from tpsvit.core.config import DEFAULT_LOCATIONS
 
 if TYPE_CHECKING:
-    from tpsvit.budget import Variant
+    from tpsvit.measure.budget import Variant
 
 
 # --------------------------------------------------------------------------------------------- shared helpers
@@ -28,8 +28,8 @@ def load_base_model(args: argparse.Namespace, meta: bool = False, default_model:
     asked for (enough for GMACs)."""
     import torch
 
-    from tpsvit.hf_loading import is_hf_source
-    from tpsvit.loading import create_model, load_model
+    from tpsvit.io.hf_loading import is_hf_source
+    from tpsvit.io.loading import create_model, load_model
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     name = args.model or (None if args.checkpoint else default_model)
@@ -44,7 +44,7 @@ def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
 
     Without --methods a patched checkpoint is compared at its own patch; otherwise etps at keep 0.7.
     """
-    from tpsvit.budget import plan_variants
+    from tpsvit.measure.budget import plan_variants
     from tpsvit.patch import is_patched
 
     own = base.tps if is_patched(base) and base.tps.keep_rate is not None else None
@@ -87,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tpsvit.evaluation import format_table, write_json
-    from tpsvit.flops import counted_gmacs, format_breakdown, gmacs, gmacs_per_block
+    from tpsvit.measure.evaluation import format_table, write_json
+    from tpsvit.measure.flops import counted_gmacs, format_breakdown, gmacs, gmacs_per_block
 
     base = load_base_model(args, meta=not args.check)
     variants = variants_from_args(args, base)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tpsvit.methods import METHODS
+from tpsvit.core.methods import METHODS
 
 DEFAULT_MODEL = "deit_small_patch16_224"
 

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per location, relative to the patch tokens alive there (one value or one per location)")
     reduce.add_argument("--locations", type=int, nargs="+", default=S, metavar="BLOCK", help="0-based blocks")
     reduce.add_argument("--r", type=int, default=S, help="ToMe: tokens merged per location")
-    if importlib.util.find_spec("tpsvit.budget") is not None:
+    if importlib.util.find_spec("tpsvit.measure.budget") is not None:
         reduce.add_argument("--budget", type=float, default=S, metavar="FRACTION",
                             help="fraction of the unpatched GMACs; the keep rate is solved to meet it")
     reduce.add_argument("--schedule", choices=("fixed", "auto"), default=S,

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tpsvit.core.methods import METHODS
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
-from tpsvit.methods import METHODS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 def load_patched_model(args: argparse.Namespace) -> nn.Module:
     """The model of ``--model/--checkpoint`` (or the shipped demo model), patched as the flags say, in eval mode."""
-    from tpsvit.hf_loading import is_hf_source
-    from tpsvit.loading import load_model
+    from tpsvit.io.hf_loading import is_hf_source
+    from tpsvit.io.loading import load_model
 
     name, checkpoint = args.model, args.checkpoint
     if name is None and checkpoint is None:
@@ -97,7 +97,7 @@ def load_patched_model(args: argparse.Namespace) -> nn.Module:
 
 def _patch_as_asked(model: nn.Module, args: argparse.Namespace) -> None:
     """Keep the checkpoint's patch unless a patch flag is given; fill the flags not given from it or the defaults."""
-    from tpsvit.loading import patch_spec
+    from tpsvit.io.loading import patch_spec
     from tpsvit.patch import patch
 
     recorded = patch_spec(model)
@@ -125,7 +125,7 @@ def _single(values):
 
 
 def _demo_checkpoint(method: str | None) -> Path:
-    from tpsvit.assets import FINETUNED, demo_checkpoint
+    from tpsvit.io.assets import FINETUNED, demo_checkpoint
 
     try:
         return demo_checkpoint(method if method in FINETUNED else None)
@@ -190,7 +190,7 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def _default_data(model: nn.Module) -> str:
-    from tpsvit.data import DEFAULT_DATA_BY_INPUT
+    from tpsvit.data.datasets import DEFAULT_DATA_BY_INPUT
     from tpsvit.viz import model_data_config
 
     return DEFAULT_DATA_BY_INPUT.get(tuple(model_data_config(model)["input_size"]), "fashion-mnist")
@@ -200,7 +200,7 @@ def dataset_samples(data: str, split: str, index: list[int] | None, samples: int
     """Samples of a dataset -> ``visualize`` keyword arguments (names, true labels, class names, mean/std)."""
     import torch
 
-    from tpsvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, build_dataset
+    from tpsvit.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, build_dataset
     from tpsvit.viz import model_data_config
 
     cfg = model_data_config(model)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tpsvit.atomic import atomic_write
 from tpsvit.errors import CheckpointError
+from tpsvit.io.atomic import atomic_write
 
 STATE_FILE = "last.pt"
 PROGRESS_FILE = "progress.json"

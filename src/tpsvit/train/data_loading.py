@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from tpsvit.data import (
+from tpsvit.data.datasets import (
     CLUTTERED_NAMES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -286,7 +286,7 @@ def find_data(cfg) -> RawData:
 def build_data(cfg, raw: RawData, model, rank: int, world: int, batch_size: int, eval_batch: int,
                pin_memory: bool) -> DataBundle:
     """Batches of ``raw`` at the model's input size and channels, sharded for this rank."""
-    from tpsvit.bench import input_size
+    from tpsvit.measure.bench import input_size
 
     in_chans, height, _ = input_size(model)
     img_size = int(cfg.img_size or height)

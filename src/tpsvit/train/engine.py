@@ -38,12 +38,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import tpsvit
-from tpsvit.bench import input_size
-from tpsvit.data import normalize_uint8, resize_and_expand
+from tpsvit.data.datasets import normalize_uint8, resize_and_expand
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
 from tpsvit.families import Family, family_of, logits_of
-from tpsvit.flops import counted_gmacs, gmacs
-from tpsvit.loading import save_checkpoint
+from tpsvit.io.loading import save_checkpoint
+from tpsvit.measure.bench import input_size
+from tpsvit.measure.flops import counted_gmacs, gmacs
 from tpsvit.patch import set_predictor_training
 from tpsvit.train import distributed
 from tpsvit.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state

@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import tpsvit
-from tpsvit.budget import solve_keep_rate, solve_tome_r
 from tpsvit.errors import CheckpointError, InvalidArgumentError
 from tpsvit.families import family_of
-from tpsvit.loading import checkpoint_metadata, create_model, load_model
+from tpsvit.io.loading import checkpoint_metadata, create_model, load_model
+from tpsvit.measure.budget import solve_keep_rate, solve_tome_r
 
 
 @dataclass
@@ -48,16 +48,16 @@ SHIPPED = "shipped"  # checkpoint value: the base model shipped with tpsvit for 
 
 def start_checkpoint(cfg) -> str | None:
     """The starting checkpoint file of ``cfg``: ``checkpoint: shipped`` is the shipped base model of the mini-DeiT's
-    dataset (``tpsvit.assets.demo_checkpoint``; for a transformers model, its own weights), anything else is taken
+    dataset (``tpsvit.io.assets.demo_checkpoint``; for a transformers model, its own weights), anything else is taken
     as given."""
-    from tpsvit.hf_loading import is_hf_source
+    from tpsvit.io.hf_loading import is_hf_source
 
     if cfg.checkpoint != SHIPPED:
         return cfg.checkpoint
     if is_hf_source(cfg.model):
         return None
-    from tpsvit.assets import demo_checkpoint
-    from tpsvit.models import MINI_DEIT, MINI_DEIT_CLUTTERED
+    from tpsvit.io.assets import demo_checkpoint
+    from tpsvit.io.models import MINI_DEIT, MINI_DEIT_CLUTTERED
 
     data = {MINI_DEIT: "fashion-mnist", MINI_DEIT_CLUTTERED: "fashion-mnist-cluttered"}.get(cfg.model)
     if data is None:
@@ -68,7 +68,7 @@ def start_checkpoint(cfg) -> str | None:
 
 def _start_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, bool]:
     """(model, rebuild kwargs, trained?) from a checkpoint (see :func:`start_checkpoint`) or a timm name."""
-    from tpsvit.hf_loading import is_hf_source
+    from tpsvit.io.hf_loading import is_hf_source
 
     if is_hf_source(cfg.model):
         return _start_hf_model(cfg, num_classes, notes)
@@ -107,9 +107,9 @@ def _fit_head(model: nn.Module, num_classes: int, notes: list) -> nn.Module:
 def _start_hf_model(cfg, num_classes: int, notes: list) -> tuple[nn.Module, dict, bool]:
     """A transformers classifier from its folder / hub name (a new head when the classes differ), or from a tpsvit
     checkpoint of one; the config's drop path and model_kwargs do not apply (the model's own config decides)."""
-    from tpsvit.hf import masked_path_refusal
-    from tpsvit.hf_loading import load_hf_model
-    from tpsvit.methods import get_method
+    from tpsvit.core.methods import get_method
+    from tpsvit.families.hf_common import masked_path_refusal
+    from tpsvit.io.hf_loading import load_hf_model
 
     if cfg.model_kwargs:
         raise InvalidArgumentError(f"model_kwargs {cfg.model_kwargs} are timm.create_model keywords; a transformers "
@@ -194,7 +194,7 @@ def _recorded_name(model: str) -> str:
     """The model name checkpoints record: a transformers folder as an absolute path (rebuilt from anywhere)."""
     from pathlib import Path
 
-    from tpsvit.hf_loading import is_hf_source
+    from tpsvit.io.hf_loading import is_hf_source
 
     return str(Path(model).resolve()) if is_hf_source(model) and Path(model).is_dir() else model
 

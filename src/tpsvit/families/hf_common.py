@@ -1,4 +1,7 @@
-"""Hugging Face ``transformers`` vision models behind the family-adapter seam of :mod:`tpsvit.families`.
+"""What the Hugging Face ``transformers`` families share: the layer and model mixins, q/k capture, attention.
+
+The families themselves are :mod:`tpsvit.families.hf_vit`, :mod:`~tpsvit.families.hf_dinov2` and
+:mod:`~tpsvit.families.hf_clip`.
 
 Supported: ViT and DeiT (``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``, ``DeiTForImageClassification``,
 ``DeiTForImageClassificationWithTeacher``), DINOv2 with or without registers (``Dinov2Model``,
@@ -31,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tpsvit.core.attention import masked_softmax_attention
+from tpsvit.core.trace import Trace, restore
 from tpsvit.errors import UnsupportedModelError
-from tpsvit.families import Family
-from tpsvit.patch import _Patched, masked_softmax_attention
-from tpsvit.trace import Trace, restore
+from tpsvit.families.base import PREDICTORS, Family, PatchedModel
+from tpsvit.families.registry import FAMILIES, register_refusal
 
 
 def _base_type(module: nn.Module) -> type:
@@ -105,7 +109,7 @@ _POOL_ALL = {
 
 
 # backbones reshape every stage's tokens to the full patch grid: their hidden states are restored to it first
-_BACKBONES = ("Dinov2Backbone", "Dinov2WithRegistersBackbone")
+BACKBONES = ("Dinov2Backbone", "Dinov2WithRegistersBackbone")
 
 
 def masked_path_refusal(model: nn.Module, method: str) -> str | None:
@@ -119,7 +123,7 @@ def masked_path_refusal(model: nn.Module, method: str) -> str | None:
             "your own head, use etps / evit / tome, or run in eval mode")
 
 
-class _HFModel(_Patched):
+class _HFModel(PatchedModel):
     """Mixed into the transformers model: a fresh forward state per call of ``model(...)``."""
 
     def __init_subclass__(cls, **kwargs):
@@ -248,7 +252,7 @@ class HFFamily(Family):
     def attach(self, model, runtime):
         """Backbones reshape each stage's tokens to the full grid: record every pass (a trace of the runtime's own,
         kept under :func:`tpsvit.tracing`) and restore the encoder's hidden states to the grid."""
-        if _base_type(model).__name__ not in _BACKBONES:
+        if _base_type(model).__name__ not in BACKBONES:
             return
         runtime.trace = Trace()
         encoder = _parent(model, _parent(model, self.blocks(model)[0]))  # the module that runs the layer list
@@ -371,8 +375,6 @@ class HFFamily(Family):
     def head_parts(self, model):
         """Every module outside the embeddings and the layers runs on the pooled token(s) (classifiers, ViT's pooler,
         CLIP's projection), except an attention-pool head over all tokens (SigLIP's ``head``)."""
-        from tpsvit.patch import PREDICTORS
-
         pool = next((m for m in model.modules() if isinstance(getattr(m, "attention", None), nn.MultiheadAttention)
                      and hasattr(m, "probe")), None)
         skip = {id(m) for part in (self._embeddings(model), pool, getattr(model, PREDICTORS, None), *self.blocks(model))
@@ -453,67 +455,25 @@ class HFFamily(Family):
         return self._explicit(block, x, policy=policy)
 
 
-class HFViTFamily(HFFamily):
-    name = "transformers ViT / DeiT"
-    models = (
-        "ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
-        "DeiTForImageClassificationWithTeacher",
-    )
-    layers = ("ViTLayer", "DeiTLayer")
-    norm1, norm2 = "layernorm_before", "layernorm_after"
-
-    def attention_residual(self, block, y):
-        dropout = getattr(block, "dropout", None)  # transformers 5; in 4 the attention's output applies it
-        return dropout(y) if dropout is not None else y
-
-    def mlp_residual(self, block, x):
-        h = block.layernorm_after(x)
-        if hasattr(block, "mlp"):
-            return block.dropout(block.mlp(h))
-        return block.output.dropout(block.output.dense(block.intermediate(h)))  # transformers 4
 
 
-class HFDinov2Family(HFFamily):
-    name = "transformers DINOv2"
-    models = (
-        "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
-        "Dinov2WithRegistersForImageClassification", *_BACKBONES,
-    )
-    layers = ("Dinov2Layer", "Dinov2WithRegistersLayer")
-    norm1, norm2 = "norm1", "norm2"
+def supported_classes() -> tuple[str, ...]:
+    """The transformers model classes the registered HF families patch."""
+    return tuple(name for family in FAMILIES if isinstance(family, HFFamily) for name in family.models)
 
-    def attention_residual(self, block, y):
-        return block.drop_path(block.layer_scale1(y))
-
-    def mlp_residual(self, block, x):
-        return block.drop_path(block.layer_scale2(block.mlp(block.norm2(x))))
-
-
-class HFCLIPFamily(HFFamily):
-    name = "transformers CLIP / SigLIP vision"
-    models = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel")
-    layers = ("CLIPEncoderLayer", "SiglipEncoderLayer")
-    norm1, norm2 = "layer_norm1", "layer_norm2"
-
-    def attention_residual(self, block, y):
-        return y
-
-    def mlp_residual(self, block, x):
-        return block.mlp(block.layer_norm2(x))
-
-
-HF_FAMILIES: tuple[Family, ...] = (HFViTFamily(), HFDinov2Family(), HFCLIPFamily())
-SUPPORTED = tuple(name for family in HF_FAMILIES for name in family.models)
 
 def refuse_hf(model: nn.Module) -> None:
     """Raise the one-line error for a transformers model that no HF family supports (no-op for other models)."""
     try:
         from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - only called when transformers is imported
+    except ImportError:  # transformers is not installed: the model is not one of its classes
         return
     if not isinstance(model, PreTrainedModel):
         return
     raise UnsupportedModelError(
         f"tpsvit cannot patch transformers {_base_type(model).__name__}; supported transformers classes: "
-        f"{', '.join(SUPPORTED)}"
+        f"{', '.join(supported_classes())}"
     )
+
+
+register_refusal(refuse_hf)

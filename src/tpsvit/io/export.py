@@ -55,11 +55,11 @@ def require_export_dependencies() -> None:
 
 
 def onnx_metadata(model: nn.Module, model_name: str | None = None, extra: dict | None = None) -> dict[str, str]:
-    """The ``metadata_props`` written into the ONNX file: the patch (JSON of :func:`tpsvit.loading.patch_spec`,
+    """The ``metadata_props`` written into the ONNX file: the patch (JSON of :func:`tpsvit.io.loading.patch_spec`,
     ``null`` when unpatched), the model name and the tpsvit version, plus ``extra`` (values JSON-encoded unless
     strings)."""
     from tpsvit import __version__
-    from tpsvit.loading import patch_spec
+    from tpsvit.io.loading import patch_spec
 
     props = {
         f"{METADATA_PREFIX}patch": json.dumps(patch_spec(model)),
@@ -99,7 +99,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, 
         path: the ``.onnx`` file to write (atomically; missing folders are created).
         batch_size: the batch of the example input (the fixed batch of the file unless ``dynamic_batch``).
         dynamic_batch: make the batch dimension dynamic (input ``images`` of shape ``(batch, C, H, W)``).
-        img_size, in_chans: input size; default the model's (:func:`tpsvit.bench.input_size`). Fixed in the file.
+        img_size, in_chans: input size; default the model's (:func:`tpsvit.measure.bench.input_size`). Fixed in the file.
         model_name: recorded in the metadata (default: the model's class name).
         metadata: more ``metadata_props`` (keys get the ``tpsvit.`` prefix).
         opset_version: ONNX opset (default: the exporter's).
@@ -114,8 +114,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, 
     Raises :class:`MissingDependencyError` without onnx/onnxruntime/onnxscript, :class:`InvalidArgumentError` for bad
     arguments or an unwritable path, :class:`ExportError` when the export fails or the check does not match.
     """
-    from tpsvit.atomic import atomic_write
-    from tpsvit.bench import input_size
+    from tpsvit.io.atomic import atomic_write
+    from tpsvit.measure.bench import input_size
 
     require_export_dependencies()
     if not isinstance(model, nn.Module):

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tpsvit.budget import model_shape, schedule_gmacs, solve_keep_rate, target_gmacs
-from tpsvit.config import DEFAULT_LOCATIONS
+from tpsvit.core.config import DEFAULT_LOCATIONS
+from tpsvit.core.methods import get_method
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.families import logits_of
-from tpsvit.methods import get_method
+from tpsvit.measure.budget import model_shape, schedule_gmacs, solve_keep_rate, target_gmacs
 
 STARTS = (1, 2, 3, 4)  # first block of the "every k-th block from b" / "every block from b" families
 STRIDES = (3, 2, 1)
@@ -174,7 +174,7 @@ def plan(model: nn.Module, method: str, budget: float, data, *, batch_size: int 
 
     Returns a :class:`Schedule`; prints nothing. Raises InvalidArgumentError when no family meets the budget.
     """
-    from tpsvit.loading import apply_patch_spec, patch_spec
+    from tpsvit.io.loading import apply_patch_spec, patch_spec
     from tpsvit.patch import is_patched, patch
 
     spec = get_method(method)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tpsvit.methods import keep_count
-from tpsvit.squeeze import full_precision
+from tpsvit.core.methods import keep_count
+from tpsvit.core.squeeze import full_precision
 
 
 def split_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:

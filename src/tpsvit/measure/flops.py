@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tpsvit.config import TPSConfig
+from tpsvit.core.config import TPSConfig
+from tpsvit.core.methods import keep_count, tome_merge_count
 from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
-from tpsvit.methods import keep_count, tome_merge_count
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def counted_gmacs(model: nn.Module, img_size=None, in_chans: int | None = None, 
     from torch.utils.flop_counter import FlopCounterMode
 
     register_cpu_attention_formula()
-    from tpsvit.bench import input_size
+    from tpsvit.measure.bench import input_size
 
     chans, h, w = input_size(model, img_size, in_chans)
     reference = next(model.parameters())

@@ -2,7 +2,7 @@
 
 :func:`evaluate_accuracy` is the reusable loop (the demo and the training loop call it). Data is either a DataLoader
 (any iterable of ``(images, labels)`` batches), a Dataset, or an in-memory ``(images, labels)`` tensor pair such as
-``FashionMNIST(...).tensors()``, resized per batch to the model's input with :func:`tpsvit.data.resize_and_expand`.
+``FashionMNIST(...).tensors()``, resized per batch to the model's input with :func:`tpsvit.data.datasets.resize_and_expand`.
 Several models are evaluated in one pass over the data (images are decoded once), which also interleaves their
 forward timings.
 """
@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tpsvit.bench import _amp_dtype, _device, device_scope, device_sync, input_size
-from tpsvit.data import resize_and_expand
+from tpsvit.data.datasets import resize_and_expand
 from tpsvit.errors import DatasetError, InvalidArgumentError, TPSError
 from tpsvit.families import logits_of
+from tpsvit.measure.bench import _amp_dtype, _device, device_scope, device_sync, input_size
 
 
 def _batches(data, batch_size: int) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:

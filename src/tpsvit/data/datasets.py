@@ -232,7 +232,7 @@ class ClutteredFashionMNIST(FashionMNIST):
 
     def __init__(self, root: str | os.PathLike | None = None, train: bool = True,
                  transform: Callable | None = None, limit: int | None = None, spec=None):
-        from tpsvit.cluttered import ClutterSpec
+        from tpsvit.data.cluttered import ClutterSpec
 
         _check_limit(limit)
         super().__init__(root, train, transform, None)
@@ -244,7 +244,7 @@ class ClutteredFashionMNIST(FashionMNIST):
 
     @functools.cached_property
     def images(self) -> torch.Tensor:
-        from tpsvit.cluttered import TEST_SEED, TRAIN_VIEW_SEED, compose_fixed
+        from tpsvit.data.cluttered import TEST_SEED, TRAIN_VIEW_SEED, compose_fixed
 
         seed = TRAIN_VIEW_SEED if self.train else TEST_SEED
         return compose_fixed(self._all_garments, seed, self.spec)[: self._limit]

@@ -15,7 +15,7 @@ from tpsvit.errors import CheckpointError
 if TYPE_CHECKING:
     from torch import nn
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 DEFAULT_DATA = "fashion-mnist-cluttered"
 
 
@@ -63,6 +63,6 @@ def demo_checkpoint(method: str | None = None, data: str = DEFAULT_DATA) -> Path
 def load_demo_model(method: str | None = None, data: str = DEFAULT_DATA) -> nn.Module:
     """The shipped mini-DeiT for ``data`` (eval mode); for dtps/dynamicvit, the fine-tuned model with its patch and
     predictors."""
-    from tpsvit.loading import load_model
+    from tpsvit.io.loading import load_model
 
     return load_model(checkpoint=demo_checkpoint(method, data)).eval()

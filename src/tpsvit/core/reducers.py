@@ -7,12 +7,13 @@ tokens, or -1 when it was dropped outright).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tpsvit.squeeze import full_precision, squeeze_with_hosts
+from tpsvit.core.squeeze import full_precision, squeeze_with_hosts
 
 
 @dataclass
@@ -65,6 +66,27 @@ def fuse_one_reduce(x: Tensor, kept: Tensor, pruned: Tensor, scores: Tensor, fus
     fused = (gather_tokens(x, pruned).float() * weight.unsqueeze(-1)).sum(dim=1, keepdim=True).to(x.dtype)
     host = torch.full_like(pruned, kept.shape[1])
     return Reduction(torch.cat([gather_tokens(x, kept), fused], dim=1), kept, pruned, host, extra=1)
+
+
+# Reducers of scored tokens, by Method.reducer name: (patches, kept, pruned, scores, config) -> Reduction. ToMe's
+# "merge" pairs tokens by matching instead of scores and is run by the runtime itself.
+SCORED_REDUCERS: dict[str, Callable[..., Reduction]] = {
+    "squeeze": lambda x, kept, pruned, scores, config: squeeze_reduce(x, kept, pruned, config.temperature),
+    "drop": lambda x, kept, pruned, scores, config: drop_reduce(x, kept, pruned),
+    "fuse_one": lambda x, kept, pruned, scores, config: fuse_one_reduce(x, kept, pruned, scores, config.fuse),
+}
+
+
+def register_reducer(name: str, reducer: Callable[..., Reduction]) -> None:
+    """Add a reducer of scored tokens under ``name`` (a :class:`~tpsvit.core.methods.Method`'s ``reducer``).
+
+    ``reducer(patches, kept, pruned, scores, config)`` gets the patch tokens (B, N, C), the top-k split by score and
+    the patch's :class:`~tpsvit.core.config.TPSConfig`, and returns a :class:`Reduction` whose tokens are the kept
+    ones (plus ``extra`` appended tokens) in ``kept`` order.
+    """
+    if name in SCORED_REDUCERS or name == "merge":
+        raise ValueError(f"reducer {name!r} exists already")
+    SCORED_REDUCERS[name] = reducer
 
 
 def bipartite_split(length: int, num_prefix: int, device=None) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,8 @@
 by ``save_pretrained``.
 
 The class comes from the folder's ``config.json`` (``architectures``) and must be one tpsvit supports
-(:data:`tpsvit.hf.SUPPORTED`). Offline, a hub name is looked up in the local cache only and otherwise fails on one line.
+(:func:`tpsvit.families.hf_common.supported_classes`). Offline, a hub name is looked up in the local cache only and
+otherwise fails on one line.
 A ``preprocessor_config.json`` beside the weights, when there is one, gives the normalisation the model expects.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from tpsvit.errors import CheckpointError, InvalidArgumentError, UnsupportedModelError
-from tpsvit.loading import _hub_offline
+from tpsvit.io import hub
 
 HF_PREFIX = "hf:"
 
@@ -40,16 +41,17 @@ def load_hf_model(source: str, num_labels: int | None = None) -> nn.Module:
         raise InvalidArgumentError(
             f"{source!r} is a Hugging Face model; install transformers with: pip install 'tps-vit[hf]'"
         ) from None
-    from tpsvit.hf import SUPPORTED
-    from tpsvit.loading import _reachable, hub_offline_requested
+    from tpsvit.families.hf_common import supported_classes
+
+    SUPPORTED = supported_classes()
 
     ref = source.removeprefix(HF_PREFIX)
     local = Path(ref).is_dir()
     if not local and not ref:
         raise InvalidArgumentError("--model hf: needs a name, e.g. hf:google/vit-base-patch16-224")
-    offline = not local and not hub_offline_requested() and not _reachable(_hub_host())
+    offline = not local and not hub.hub_offline_requested() and not hub.reachable(_hub_host())
     try:
-        with _hub_offline() if offline else nullcontext():
+        with hub.hub_offline() if offline else nullcontext():
             config = transformers.AutoConfig.from_pretrained(ref)
             name = (getattr(config, "architectures", None) or [None])[0]
             if name not in SUPPORTED:
@@ -82,7 +84,7 @@ def _data_config(ref: str, local: bool, offline: bool) -> dict:
         try:
             from huggingface_hub import hf_hub_download
 
-            with _hub_offline() if offline else nullcontext():
+            with hub.hub_offline() if offline else nullcontext():
                 path = Path(hf_hub_download(ref, "preprocessor_config.json"))
         except Exception:  # noqa: BLE001 (no processor config on the hub or in the cache: timm's defaults)
             return {}

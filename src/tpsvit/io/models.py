@@ -14,7 +14,7 @@ def deit_mini_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer
     """DeiT-Tiny's depth (12 blocks, so locations 3/6/9 apply), 64 wide, 2 heads, 4x4 patches on 28x28 grey images.
 
     49 patch tokens + 1 class token. ``pretrained`` is accepted for timm's interface; weights ship with tpsvit
-    (see :func:`tpsvit.assets.load_demo_model`), not through timm's hub.
+    (see :func:`tpsvit.io.assets.load_demo_model`), not through timm's hub.
     """
     return _mini_deit(dict(img_size=28, patch_size=4), kwargs)
 

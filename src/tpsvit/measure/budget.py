@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tpsvit.config import DEFAULT_LOCATIONS, make_config
+from tpsvit.core.config import DEFAULT_LOCATIONS, make_config
+from tpsvit.core.methods import get_method
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.flops import ViTShape, total_macs, vit_shape
-from tpsvit.methods import get_method
+from tpsvit.measure.flops import ViTShape, total_macs, vit_shape
 
 _MIN_RATE = 1e-9  # keeps exactly one patch token at every location
 
@@ -28,7 +28,7 @@ def model_shape(model, img_size=None) -> ViTShape:
             raise InvalidArgumentError("img_size cannot be changed on a ViTShape; pass the model or its name")
         return model
     if isinstance(model, str):
-        from tpsvit.loading import create_model
+        from tpsvit.io.loading import create_model
 
         with torch.device("meta"):
             model = create_model(model)

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from tpsvit.atomic import atomic_write
 from tpsvit.errors import CheckpointError, InvalidArgumentError
+from tpsvit.io import hub
+from tpsvit.io.atomic import atomic_write
 from tpsvit.patch import is_patched, patch
 
 META_KEY = "tpsvit"
@@ -25,7 +26,7 @@ META_KEY = "tpsvit"
 
 def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model`` with an error that names the model and suggests close names when it is unknown."""
-    import tpsvit.models  # noqa: F401  (registers tpsvit's own small models)
+    import tpsvit.io.models  # noqa: F401  (registers tpsvit's own small models)
 
     if not timm.is_model(name):
         import difflib
@@ -34,29 +35,23 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else "; list names with timm.list_models('*deit*')"
         raise InvalidArgumentError(f"unknown timm model {name!r}{hint}")
     host = _weights_host(name, kwargs) if pretrained else None
-    if host is not None and not _reachable(host):
+    if host is not None and not hub.reachable(host):
         # No network: timm would retry for about a minute. Try the local cache only, then fail on one line.
         try:
-            with _hub_offline():
+            with hub.hub_offline():
                 return timm.create_model(name, pretrained=True, **kwargs)
         except (OSError, RuntimeError, ValueError):
             raise CheckpointError(f"cannot reach {host} and the pretrained weights of {name!r} are not in the local "
-                                  f"cache; {OFFLINE_HINT}") from None
+                                  f"cache; {hub.OFFLINE_HINT}") from None
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
         if pretrained:
             raise CheckpointError(
                 f"could not download pretrained weights for {name!r} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}"
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}); {hub.OFFLINE_HINT}"
             ) from None
         raise
-
-
-OFFLINE_HINT = ("offline, load a local weights file: tpsvit.load_model(NAME, checkpoint=FILE), `--model NAME "
-                "--checkpoint FILE` on the CLI, or timm.create_model(NAME, pretrained=True, "
-                "pretrained_cfg_overlay=dict(file=FILE)); weights downloaded before load from the cache with "
-                "HF_HUB_OFFLINE=1")
 
 
 def _weights_host(name: str, kwargs: dict) -> str | None:
@@ -64,7 +59,7 @@ def _weights_host(name: str, kwargs: dict) -> str | None:
     file in the pretrained config, HF_HUB_OFFLINE set) or the source is unknown (then timm decides)."""
     from urllib.parse import urlparse
 
-    if hub_offline_requested():
+    if hub.hub_offline_requested():
         return None
     for key in ("pretrained_cfg_overlay", "pretrained_cfg"):
         if isinstance(kwargs.get(key), dict) and kwargs[key].get("file"):
@@ -79,41 +74,6 @@ def _weights_host(name: str, kwargs: dict) -> str | None:
         return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
     url = getattr(cfg, "url", None)
     return urlparse(url).hostname if url else None
-
-
-def hub_offline_requested() -> bool:
-    """HF_HUB_OFFLINE is set: read the local cache only, never try the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``host`` port 443 opens within ``timeout`` seconds (name lookup included)."""
-    import socket
-
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-class _hub_offline:
-    """Within the block, huggingface_hub reads its local cache only (as with HF_HUB_OFFLINE=1)."""
-
-    def __enter__(self):
-        try:
-            from huggingface_hub import constants
-        except ImportError:
-            self.constants = None
-            return self
-        self.constants, self.before = constants, constants.HF_HUB_OFFLINE
-        constants.HF_HUB_OFFLINE = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.constants is not None:
-            self.constants.HF_HUB_OFFLINE = self.before
-        return False
 
 
 def patch_spec(model: nn.Module) -> dict | None:
@@ -218,7 +178,7 @@ def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = N
     """
     if name is None and checkpoint is None:
         raise InvalidArgumentError("give a timm model name, a --checkpoint file, or both")
-    from tpsvit.hf_loading import is_hf_source, load_hf_model
+    from tpsvit.io.hf_loading import is_hf_source, load_hf_model
 
     state_dict, meta = read_weights(checkpoint) if checkpoint is not None else ({}, {})
     name = name or meta.get("model")

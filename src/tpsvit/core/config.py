@@ -6,8 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from tpsvit.core.methods import CLASS_FREE_SCORER, SCORER_OVERRIDES, Method, get_method
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.methods import CLASS_FREE_SCORER, SCORER_OVERRIDES, Method, get_method
 
 DEFAULT_LOCATIONS = (3, 6, 9)
 FUSE_MODES = ("sum", "mean")  # EViT's fused token: the release's weighted sum, or a renormalised weighted mean

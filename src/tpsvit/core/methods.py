@@ -1,6 +1,7 @@
 """The method registry: every token-reduction method is a scorer, a reducer and a placement.
 
-Adding a method is adding an entry to :data:`METHODS`; the patch code reads only these fields.
+Adding a method is adding an entry to :data:`METHODS` (:func:`register_method`); the patch code reads only these
+fields.
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ METHODS: dict[str, Method] = {
                "ToMe: bipartite soft matching on keys, size-weighted merging, proportional attention"),
     )
 }
+
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (a new combination of scorer, reducer and placement; a new reducer is
+    registered with :func:`tpsvit.core.reducers.register_reducer`); returns it."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} exists already")
+    if method.placement not in ("inside", "before"):
+        raise ValueError(f"placement {method.placement!r}; allowed: inside, before")
+    METHODS[method.name] = method
+    return method
+
 
 SCORER_OVERRIDES = ("default", "random", "attention_received")
 # Beyond the paper: the class-free scorer of etps / evit (attention each patch token receives, averaged over queries
