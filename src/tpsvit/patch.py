@@ -18,7 +18,7 @@ from torch import nn
 from tpsvit.core.config import DEFAULT_LOCATIONS, TPSConfig, make_config
 from tpsvit.core.methods import CLASS_FREE_SCORER
 from tpsvit.core.scoring import TokenPredictor
-from tpsvit.core.trace import Trace
+from tpsvit.core.trace import RESTORE_MODES, Trace
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.families import PREDICTORS, PatchedModel, family_of
 from tpsvit.runtime import ForwardState, Runtime
@@ -57,6 +57,7 @@ def patch(
     temperature: float = 1.0,
     scorer: str = "default",
     fuse: str = "sum",
+    restore: str = "host",
 ) -> nn.Module:
     """Patch a timm VisionTransformer or Eva, or a transformers ViT, in place with a token-reduction method; returns
     the model.
@@ -79,6 +80,9 @@ def patch(
             a warning, on a model without a class token (SigLIP-style, ``class_token=False``, ``global_pool='avg'``).
         fuse: EViT only: ``"sum"`` (the release: the pruned tokens' class-attention-weighted sum) or ``"mean"``
             (those weights renormalised to a weighted mean; not in the release).
+        restore: models that return feature maps on the patch grid (``Dinov2Backbone``): what a removed patch's
+            cell holds, ``"host"`` (its host's feature), ``"frozen"`` (its own feature where it left) or ``"zeros"``
+            (:func:`tpsvit.restore`). Other models return tokens; call :func:`tpsvit.restore` on them.
 
     Re-patching a patched model unpatches it first; learned predictors at locations that stay are kept.
     """
@@ -100,9 +104,17 @@ def patch(
             f"(scorer={CLASS_FREE_SCORER!r}, beyond the paper) instead of class-token attention",
             UserWarning, stacklevel=2,
         )
+    if restore not in RESTORE_MODES:
+        raise InvalidArgumentError(f"restore={restore!r}; allowed: {', '.join(RESTORE_MODES)}")
+    if restore != "host" and not family.returns_grid(model):
+        raise InvalidArgumentError(
+            f"restore={restore!r} applies to models that return feature maps (Dinov2Backbone); "
+            f"{type(model).__name__} returns tokens: use tpsvit.restore(tokens, trace, mode={restore!r})"
+        )
     previous = getattr(model, PREDICTORS, None) if is_patched(model) else None
     unpatch(model)  # only once the new patch is known to be valid: a bad call leaves the model as it was
     runtime = Runtime(config, family.grid_size(model), family)
+    runtime.restore_mode = restore
     predictors = _make_predictors(model, config, previous, family.embed_dim(model))
     model.__class__ = _subclass(type(model), family.model_mixin)
     model._tps_runtime = runtime

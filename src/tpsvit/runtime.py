@@ -66,6 +66,7 @@ class Runtime:
         self.trace: Trace | None = None
         self.force_masked = False  # tests: run the masked path with top-k decisions in eval mode
         self.training_decisions = "gumbel"  # masked path in train mode: "gumbel" samples or "topk" by score
+        self.restore_mode = "host"  # feature maps of grid-returning models (tpsvit.restore's mode)
         self.record_class_attention = False  # masked path: record ForwardState.ranking (predictor distillation)
 
     def begin(self, model: nn.Module) -> None:
@@ -126,7 +127,7 @@ def _reduce(block: nn.Module, x: Tensor, runtime: Runtime, extras: dict) -> Tens
         scores = _scores(block, patches, capture, extras, state, runtime)
         kept, pruned = top_k_split(scores, k)
         result = SCORED_REDUCERS[spec.reducer](patches, kept, pruned, scores, config)
-    _track(block, state, runtime, result, scores, n)
+    _track(block, state, runtime, result, scores, patches)
     return torch.cat([prefix, result.tokens], dim=1)
 
 
@@ -143,8 +144,9 @@ def _scores(block: nn.Module, patches: Tensor, capture, extras: dict, state: For
     return class_attention_qk(q, k, runtime.family.attn_scale(block), config.num_prefix_tokens, bias)
 
 
-def _track(block, state: ForwardState, runtime: Runtime, result: Reduction, scores, n: int) -> None:
-    """Carry grid positions forward and, when tracing, record the step."""
+def _track(block, state: ForwardState, runtime: Runtime, result: Reduction, scores, patches: Tensor) -> None:
+    """Carry grid positions forward and, when tracing, record the step and the features of the tokens it removes."""
+    n = patches.shape[1]
     positions = state.positions
     if positions is None:
         positions = torch.arange(n, device=result.kept.device).expand(result.kept.shape[0], -1)
@@ -168,6 +170,8 @@ def _track(block, state: ForwardState, runtime: Runtime, result: Reduction, scor
                 scores=None if scores is None else scores.detach().float(),
             )
         )
+        trace.freeze(positions.gather(1, result.pruned), patches.detach().gather(
+            1, result.pruned.unsqueeze(-1).expand(-1, -1, patches.shape[-1])))
 
 
 def _reduce_masked(block: nn.Module, x: Tensor, runtime: Runtime, reduction: dict, extras: dict) -> Tensor:

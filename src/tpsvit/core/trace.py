@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tpsvit.errors import InvalidArgumentError
+
 
 @dataclass
 class LocationTrace:
@@ -53,6 +55,7 @@ class Trace:
     locations: list[LocationTrace] = field(default_factory=list)
     recorded: bool = False  # a forward pass ran while tracing
     masked: bool = False  # that pass took the full-length training path, where no token is removed
+    frozen: Tensor | None = None  # (B, num_patches + 1, C): each removed patch's own feature when it left (+ a sink)
 
     def reset(self, method: str, num_prefix: int, grid_size: tuple[int, int] | None, masked: bool = False) -> None:
         """Forget the previous forward pass."""
@@ -60,6 +63,16 @@ class Trace:
         self.num_patches = 0
         self.locations = []
         self.recorded, self.masked = True, masked
+        self.frozen = None
+
+    def freeze(self, positions: Tensor, features: Tensor) -> None:
+        """Keep ``features`` (B, P, C) of the tokens removed at a location, at their grid ``positions`` (B, P); -1
+        (EViT's fused token, no grid cell) is not kept. One (B, num_patches, C) buffer for the whole pass."""
+        if self.frozen is None:
+            batch, _, dim = features.shape
+            self.frozen = features.new_zeros(batch, self.num_patches + 1, dim)
+        index = torch.where(positions >= 0, positions, self.num_patches)
+        self.frozen.scatter_(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]), features)
 
     def _check_usable(self) -> None:
         if not self.recorded and not self.locations:
@@ -86,8 +99,24 @@ class Trace:
             assign = torch.where(assign >= 0, mapped, assign)
         return assign
 
+    def survivors(self, upto: int | None = None) -> Tensor:
+        """(B, num_patches) bool: the patches whose own token is still there after ``upto`` locations (kept every
+        time, never squeezed, merged, fused or dropped)."""
+        self._check_usable()
+        steps = self.locations if upto is None else self.locations[:upto]
+        first = self.locations[0]
+        alive = torch.ones(first.kept.shape[0], self.num_patches + 1, dtype=torch.bool, device=first.kept.device)
+        for step in steps:
+            gone = step.positions.gather(1, step.pruned)
+            alive.scatter_(1, torch.where(gone >= 0, gone, self.num_patches), False)  # -1: the fused token, no patch
+        return alive[:, : self.num_patches]
 
-def restore(tokens: Tensor, trace: Trace, upto: int | None = None) -> tuple[Tensor, Tensor]:
+
+RESTORE_MODES = ("host", "frozen", "zeros")
+
+
+def restore(tokens: Tensor, trace: Trace, upto: int | None = None, mode: str = "host",
+            norm=None) -> tuple[Tensor, Tensor]:
     """Rebuild the full patch grid from the final tokens of a traced forward pass.
 
     Args:
@@ -95,12 +124,26 @@ def restore(tokens: Tensor, trace: Trace, upto: int | None = None) -> tuple[Tens
         trace: the :class:`Trace` recorded for that pass.
         upto: the tokens are those after the first ``upto`` locations of the trace (an intermediate layer's
             output); default: after all of them.
+        mode: what a removed patch gets: ``"host"`` (default), ``"frozen"`` or ``"zeros"`` (below).
+        norm: a callable applied to the frozen features (``mode="frozen"`` only).
 
     Returns:
-        ``(prefix, grid)``: prefix tokens (B, num_prefix, C) and (B, num_patches, C) where every patch takes the
-        feature of the token it survives as or was absorbed into (following hosts through all locations); patches
-        dropped outright (DynamicViT) are zeros.
+        ``(prefix, grid)``: prefix tokens (B, num_prefix, C) and (B, num_patches, C). A patch whose own token
+        survives takes its final feature; a removed patch, by ``mode``:
+
+        - ``"host"``: the final feature of the token it was absorbed into (following hosts through all locations:
+          TPS's host, ToMe's merge destination, which is ToMe's unmerge; EViT's fused token); dropped outright
+          (DynamicViT) gives zeros;
+        - ``"frozen"``: its own feature at the location where it was removed (the token stream there: the block
+          input for dtps / dynamicvit, the post-attention stream for etps / evit / tome), as Token Cropr and SViT
+          re-insert pruned tokens; ``norm`` (e.g. the model's final norm, when ``tokens`` come after it) is applied
+          to those features;
+        - ``"zeros"``: zeros.
     """
+    if mode not in RESTORE_MODES:
+        raise InvalidArgumentError(f"restore mode {mode!r}; allowed: {', '.join(RESTORE_MODES)}")
+    if norm is not None and mode != "frozen":
+        raise InvalidArgumentError(f"norm applies to mode='frozen' only, not mode={mode!r}")
     trace._check_usable()
     prefix, patches = tokens[:, : trace.num_prefix], tokens[:, trace.num_prefix :]
     steps = trace.locations if upto is None else trace.locations[:upto]
@@ -115,4 +158,12 @@ def restore(tokens: Tensor, trace: Trace, upto: int | None = None) -> tuple[Tens
     assign = trace.assignment(upto)
     index = assign.clamp(min=0).unsqueeze(-1).expand(-1, -1, patches.shape[-1])
     grid = patches.gather(1, index) * (assign >= 0).unsqueeze(-1).to(patches.dtype)
-    return prefix, grid
+    if mode == "host":
+        return prefix, grid
+    alive = trace.survivors(upto).unsqueeze(-1)
+    if mode == "zeros":
+        return prefix, grid * alive.to(grid.dtype)
+    frozen = trace.frozen[:, : trace.num_patches].to(grid.dtype)
+    if norm is not None:
+        frozen = norm(frozen)
+    return prefix, torch.where(alive, grid, frozen)

@@ -74,6 +74,10 @@ class Family:
             return None
         return int(chans), int(size[0]), int(size[1])
 
+    def returns_grid(self, model: nn.Module) -> bool:
+        """True when the model's outputs are feature maps on the full patch grid (restored after a reduction)."""
+        return False
+
     def num_classes(self, model: nn.Module) -> int | None:
         """Classes the model's head predicts; None for a feature extractor."""
         classes = getattr(model, "num_classes", None)

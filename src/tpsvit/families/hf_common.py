@@ -152,8 +152,9 @@ def _parent(model: nn.Module, child: nn.Module) -> nn.Module:
 
 
 def _hidden_states_on_full_grid(module, args, output):
-    """Encoder hook of a patched backbone: each layer's output, restored to the full patch grid (:func:`restore`:
-    a pruned patch takes its host's feature, a dropped one zeros), so the backbone's feature maps keep their shape."""
+    """Encoder hook of a patched backbone: each layer's output, restored to the full patch grid (:func:`restore` in
+    the patch's ``restore`` mode; by default a pruned patch takes its host's feature, a dropped one zeros), so the
+    backbone's feature maps keep their shape."""
     runtime = module._tps_backbone_runtime
     hidden = getattr(output, "hidden_states", None)
     if hidden is None or runtime.state is None or runtime.state.masked:
@@ -161,7 +162,8 @@ def _hidden_states_on_full_grid(module, args, output):
     blocks = [step.block for step in runtime.trace.locations]
     restored = [hidden[0]]
     for index, tokens in enumerate(hidden[1:]):
-        prefix, grid = restore(tokens, runtime.trace, upto=sum(1 for b in blocks if b <= index))
+        prefix, grid = restore(tokens, runtime.trace, upto=sum(1 for b in blocks if b <= index),
+                               mode=runtime.restore_mode)
         restored.append(torch.cat([prefix, grid], dim=1))
     output.hidden_states = tuple(restored)
     return output
@@ -258,6 +260,9 @@ class HFFamily(Family):
         encoder = _parent(model, _parent(model, self.blocks(model)[0]))  # the module that runs the layer list
         encoder._tps_backbone_runtime = runtime
         encoder.register_forward_hook(_hidden_states_on_full_grid)
+
+    def returns_grid(self, model):
+        return _base_type(model).__name__ in BACKBONES
 
     def detach(self, model):
         for module in model.modules():
