@@ -28,7 +28,8 @@ def test_backbone_maps_are_the_restored_tokens_in_every_mode(method, mode, image
         tokens = base(pixel_values=images).last_hidden_state  # after the final layernorm, as the feature maps
         feature_map = backbone(pixel_values=images).feature_maps[-1]
         _, grid = tpsvit.restore(tokens, trace, mode=mode, norm=base.layernorm if mode == "frozen" else None)
-    torch.testing.assert_close(feature_map, grid.reshape(len(images), 8, 8, -1).permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
+    expected = grid.reshape(len(images), 8, 8, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(feature_map, expected, atol=1e-5, rtol=1e-5)
     removed = ~trace.survivors()
     cells = feature_map.flatten(2).transpose(1, 2)[removed]
     assert (cells.abs().sum(-1) == 0).all() == (mode == "zeros" or (mode == "host" and method == "dynamicvit"))

@@ -71,7 +71,7 @@ def test_a_patch_pruned_at_the_first_location_is_frozen_with_its_feature_there(m
     gone = first.positions.gather(1, first.pruned)  # grid cells removed at block 1
     rows = torch.arange(len(images))[:, None]
     assert torch.allclose(grid[rows, gone], expected[rows, gone], atol=1e-5)
-    assert trace.frozen.shape == (len(images), 65, 48)  # one buffer for the pass (64 patches + a sink), not per location
+    assert trace.frozen.shape == (len(images), 65, 48)  # one buffer per pass (64 patches + a sink), not per location
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -99,7 +99,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, 
         path: the ``.onnx`` file to write (atomically; missing folders are created).
         batch_size: the batch of the example input (the fixed batch of the file unless ``dynamic_batch``).
         dynamic_batch: make the batch dimension dynamic (input ``images`` of shape ``(batch, C, H, W)``).
-        img_size, in_chans: input size; default the model's (:func:`tpsvit.measure.bench.input_size`). Fixed in the file.
+        img_size, in_chans: input size; default the model's (:func:`tpsvit.measure.bench.input_size`). Fixed in
+            the file.
         model_name: recorded in the metadata (default: the model's class name).
         metadata: more ``metadata_props`` (keys get the ``tpsvit.`` prefix).
         opset_version: ONNX opset (default: the exporter's).

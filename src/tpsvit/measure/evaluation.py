@@ -2,7 +2,8 @@
 
 :func:`evaluate_accuracy` is the reusable loop (the demo and the training loop call it). Data is either a DataLoader
 (any iterable of ``(images, labels)`` batches), a Dataset, or an in-memory ``(images, labels)`` tensor pair such as
-``FashionMNIST(...).tensors()``, resized per batch to the model's input with :func:`tpsvit.data.datasets.resize_and_expand`.
+``FashionMNIST(...).tensors()``, resized per batch to the model's input with
+:func:`tpsvit.data.datasets.resize_and_expand`.
 Several models are evaluated in one pass over the data (images are decoded once), which also interleaves their
 forward timings.
 """
