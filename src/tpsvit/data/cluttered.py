@@ -31,7 +31,13 @@ class ClutterSpec:
 
     def compose(self, garments: torch.Tensor, pool: torch.Tensor, gen: torch.Generator,
                 flip: bool = False) -> torch.Tensor:
-        """uint8 garments (B, 28, 28) -> uint8 canvases (B, canvas, canvas).
+        """uint8 garments (B, 28, 28) -> uint8 canvases (B, canvas, canvas); see :meth:`compose_layers`."""
+        return self.compose_layers(garments, pool, gen, flip)[0]
+
+    def compose_layers(self, garments: torch.Tensor, pool: torch.Tensor, gen: torch.Generator,
+                       flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 garments (B, 28, 28) -> (canvases, the garments alone on their canvases), both uint8
+        (B, canvas, canvas); the second gives the garment's own pixels (segmentation labels).
 
         Each garment lands at a uniformly random position (flipped horizontally with probability 0.5 when
         ``flip``); each clutter piece is a random ``piece`` x ``piece`` crop from the central part of a random image
@@ -43,6 +49,7 @@ class ClutterSpec:
             flipped = torch.rand(b, generator=gen) < 0.5
             garments = torch.where(flipped[:, None, None], garments.flip(-1), garments)
         _paste(out, garments, gen)
+        alone = out.clone()
         if self.pieces:
             n = b * self.pieces
             source = torch.randint(0, len(pool), (n,), generator=gen)
@@ -52,7 +59,7 @@ class ClutterSpec:
             crops = pool[source[:, None, None], _span(top, self.piece)[:, :, None], _span(left, self.piece)[:, None, :]]
             for k in range(self.pieces):
                 _paste(out, crops[k::self.pieces], gen)
-        return out
+        return out, alone
 
 
 def _span(start: torch.Tensor, size: int) -> torch.Tensor:
@@ -74,6 +81,14 @@ def compose_fixed(garments: torch.Tensor, seed: int, spec: ClutterSpec, chunk: i
     gen = torch.Generator().manual_seed(seed)
     return torch.cat([spec.compose(garments[i:i + chunk], garments, gen) for i in range(0, len(garments), chunk)])
 
+
+
+def compose_fixed_layers(garments: torch.Tensor, seed: int, spec: ClutterSpec,
+                         chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compose_fixed` and, from the same draws, each canvas's garment alone (B, canvas, canvas)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [spec.compose_layers(garments[i:i + chunk], garments, gen) for i in range(0, len(garments), chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def token_kinds(garments: torch.Tensor, seed: int, spec: ClutterSpec, count: int,
