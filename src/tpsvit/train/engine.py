@@ -19,47 +19,39 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 import random
 import shlex
-import signal
 import sys
-import threading
 import time
-import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import tpsvit
-from tpsvit.data.datasets import normalize_uint8, resize_and_expand
-from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
-from tpsvit.families import Family, family_of, logits_of
-from tpsvit.io.loading import save_checkpoint
-from tpsvit.measure.bench import input_size
-from tpsvit.measure.flops import counted_gmacs, gmacs
+from tpsvit.errors import DatasetError, InvalidArgumentError
+from tpsvit.families import family_of
 from tpsvit.patch import set_predictor_training
 from tpsvit.train import distributed
-from tpsvit.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
 from tpsvit.train.data_loading import build_data, find_data, mix_seed
+from tpsvit.train.interrupt import InterruptMixin, _StopRequest
 from tpsvit.train.losses import (
-    accuracy,
     attention_ranking_loss,
-    classification_loss,
     keep_ratio_loss,
     logit_distillation,
     token_distillation,
 )
 from tpsvit.train.metrics import MetricsWriter
-from tpsvit.train.modeling import build_models, enable_grad_checkpointing, param_groups, print_notes
-from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, resolve, valid_keys, validate
-from tpsvit.train.warm_start import warm_start_predictors
+from tpsvit.train.modeling import build_models, print_notes
+from tpsvit.train.precision import _AMP_DTYPES, _resolve_amp
+from tpsvit.train.precision import choose_amp as choose_amp  # re-exported: tpsvit.train.engine.choose_amp
+from tpsvit.train.recipe import TrainConfig, resolve, validate
+from tpsvit.train.reporting import ReportingMixin
+from tpsvit.train.schedule import lr_factor
+from tpsvit.train.setup import SetupMixin
+from tpsvit.train.setup import _WithFeatures as _WithFeatures  # re-exported: the student wrapper DDP sees
 
 LOSS_KEYS = ("total", "ce", "distill", "token", "keep_ratio", "attention_distill")
 # fp16 with a gradient scaler: a non-finite loss is left to the scaler, which skips that optimizer step and lowers its
@@ -70,8 +62,6 @@ MAX_NONFINITE_STEPS = 5
 # torch >= 2.5 has torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class there and exists before
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
-WARM_START_EPOCH = 1_000_003  # the warm start's data order: unlike any training epoch's
-
 
 def _to_host(values: torch.Tensor) -> list:
     """``values.tolist()``: every read of training-step results from the device goes through here (one per logging
@@ -79,105 +69,7 @@ def _to_host(values: torch.Tensor) -> list:
     return values.tolist()
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM during :meth:`Run.fit`: finish the current optimiser step (DDP: run on to the next logging
-    point, where the ranks agree to stop at the same step), save ``last.pt`` there, then stop
-    (:meth:`Run._interrupted`). A second signal stops at once, without saving. Handlers are installed only in the
-    main thread and restored on exit."""
-
-    def __init__(self, when: str = "after this step"):
-        self.signum, self.previous, self.when = None, {}, when
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            self.__exit__()
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\ntpsvit train: {signal.Signals(signum).name}: saving last.pt {self.when} (send it again to stop "
-              "without saving)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-        return False
-
-
-class _EpochBatches:
-    """Re-iterable view of one epoch of a batch source."""
-
-    def __init__(self, source, epoch: int):
-        self.source, self.epoch = source, epoch
-
-    def __iter__(self):
-        return iter(self.source.batches(self.epoch))
-
-
-class _WithFeatures(nn.Module):
-    """The student as DDP sees it: returns (logits, final token features) in one forward."""
-
-    def __init__(self, model: nn.Module, family: Family):
-        super().__init__()
-        self.model, self.family = model, family
-
-    def forward(self, x):
-        return self.family.logits_and_features(self.model, x)
-
-
-def lr_factor(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Multiplier of the base lr after ``step`` optimiser steps: linear warm-up, then cosine to ``min_lr``."""
-    if warmup > 0 and step < warmup:
-        start = warmup_lr / lr
-        return start + (1.0 - start) * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = min_lr / lr
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def choose_amp(amp: str, device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on a device of this type and CUDA compute ``capability`` (major, minor).
-
-    ``auto``: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx+), fp16 with a gradient
-    scaler below (V100, T4: their bf16 is emulated and slow), none on CPU. Explicit ``bf16`` is honoured everywhere.
-    """
-    if amp == "auto":
-        if device_type != "cuda":
-            return None
-        return torch.bfloat16 if capability is not None and tuple(capability) >= (8, 0) else torch.float16
-    if amp == "none":
-        return None
-    if amp == "fp16" and device_type != "cuda":
-        raise InvalidArgumentError("amp=fp16 needs a GPU; use amp=bf16 or none on CPU")
-    return torch.float16 if amp == "fp16" else torch.bfloat16
-
-
-def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """:func:`choose_amp` for the training device (its own capability, not the current device's)."""
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return choose_amp(amp, device.type, capability)
-
-
-_AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _amp_name(dtype: torch.dtype | None) -> str:
-    return next(name for name, value in _AMP_DTYPES.items() if value == dtype)
-
-
-def _machine(device: torch.device) -> str:
-    what = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        what += f", {torch.cuda.get_device_name(device)}"
-    return f"{what}, torch {torch.__version__}"
-
-
-class Run:
+class Run(SetupMixin, ReportingMixin, InterruptMixin):
     """One training run: set up everything (all input checks first), then :meth:`fit`."""
 
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, command: str):
@@ -229,127 +121,6 @@ class Run:
         if self.state is not None:
             self._restore(self.state)
         self.metrics = MetricsWriter(self.out, cfg.to_dict(), enabled=info.is_main)
-
-    # ------------------------------------------------------------------------------------------------ set-up
-
-    def _auto_schedule(self, raw) -> TrainConfig:
-        """Re-patch the student with the schedule :func:`tpsvit.plan` picks on the first training images; the config
-        then records the chosen locations and keep rate (or r), so checkpoints and resumes carry them."""
-        cfg = self.cfg
-        if raw.kind != "tensors":
-            raise InvalidArgumentError("schedule=auto in train calibrates on in-memory (Fashion-MNIST) data; for an "
-                                       "ImageFolder run `tpsvit eval --schedule auto --calib-data DIR` and set the "
-                                       "locations and keep rate it prints")
-        chans, height, _ = input_size(self.model)
-        size = int(cfg.img_size or height)
-        images = normalize_uint8(raw.train.images[: cfg.calib_images])  # only the calibration images, not the split
-        calib = (resize_and_expand(images, size, chans),
-                 raw.train.labels[: cfg.calib_images])
-        schedule = tpsvit.plan(self.model, cfg.method, cfg.budget, data=calib, img_size=cfg.img_size,
-                               fixed_locations=tuple(cfg.locations))
-        tpsvit.patch(self.model, **schedule.patch_kwargs())
-        if self.info.is_main:
-            print(f"tpsvit train: auto schedule {schedule}", file=sys.stderr)
-        amount = {"r": schedule.r, "keep_rate": 1.0} if schedule.r is not None else \
-            {"keep_rate": schedule.keep_rate, "r": None}
-        return replace(cfg, locations=list(schedule.locations), budget=None, **amount)
-
-    def _warm_start(self) -> None:
-        cfg, info = self.cfg, self.info
-        self.model.to(info.device)
-        batches = _EpochBatches(self.data.train, epoch=WARM_START_EPOCH)
-        losses = warm_start_predictors(self.model, batches, cfg.predictor_init_steps, cfg.predictor_init_lr,
-                                       info.device, progress=info.is_main)
-        if info.is_main:
-            print(f"tpsvit train: predictor warm start (class-attention distillation), {len(losses)} steps, "
-                  f"ranking loss {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f}", file=sys.stderr)
-
-    def _resume_state(self, cfg: TrainConfig) -> dict | None:
-        if cfg.resume:
-            state = load_state(cfg.out)
-            if state is None:
-                others = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
-                if others:
-                    shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-                    raise InvalidArgumentError(f"--resume: {self.out} has no {STATE_FILE} to resume but holds other "
-                                               f"files ({shown}); check --out, or start a new run in an empty folder")
-                if self.info.is_main:
-                    print(f"tpsvit train: warning: --resume: nothing to resume in {self.out} (no {STATE_FILE}); "
-                          "starting a fresh run", file=sys.stderr)
-            return state
-        if (self.out / STATE_FILE).exists():
-            raise InvalidArgumentError(f"{self.out / STATE_FILE} exists; pass --resume to continue that run or "
-                                       "choose another --out")
-        return None
-
-    @staticmethod
-    def _reconcile(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
-        saved = validate(saved)
-        for key in valid_keys():
-            if key not in RESUME_FREE_KEYS and getattr(cfg, key) != getattr(saved, key):
-                raise InvalidArgumentError(
-                    f"--resume: {key}={getattr(cfg, key)!r} differs from the run being resumed "
-                    f"({getattr(saved, key)!r}); drop that option or start a new --out"
-                )
-        return replace(saved, **{k: getattr(cfg, k) for k in RESUME_FREE_KEYS})
-
-    def _setup_engine(self) -> None:
-        cfg, info = self.cfg, self.info
-        model = self.model.to(info.device)
-        if self.teacher is not None:
-            self.teacher.to(info.device)
-        self.checkpointed_blocks = enable_grad_checkpointing(model) if cfg.grad_checkpointing else 0
-        self.target_rates = model.tps.keep_rate if tpsvit.is_patched(model) else None
-        self.net = _WithFeatures(model, self.family)
-        if info.distributed:
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            # a 1-channel patch embedding's weight has a size-1 dim whose stride autograd lays out differently from
-            # DDP's bucket; harmless, but DDP warns on every step
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            self.net = DistributedDataParallel(self.net, device_ids=ids,
-                                               find_unused_parameters=cfg.find_unused_parameters)
-        fused = {"fused": True} if info.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay, cfg.weight_decay_skip_1d),
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps, **fused,
-        )
-        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.warmup_steps = warmup
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(step, self.total_steps, warmup, cfg.lr, cfg.warmup_lr, cfg.min_lr),
-        )
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == torch.float16)
-        self.zero_loss = torch.zeros((), device=info.device)  # a loss term this run does not compute
-        self.nonfinite_streak = 0  # optimizer steps in a row with a non-finite loss (fp16: skipped by the scaler)
-        self.skipped_steps = 0  # optimizer steps the fp16 scaler skipped (the lr schedule waited for each)
-        self.mixup = None
-        if self.mixup_active:
-            from timm.data import Mixup
-
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                               switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                               num_classes=self.family.num_classes(model))
-        self.criterion = classification_loss(self.mixup_active, cfg.smoothing)
-
-    def _restore(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"cannot resume from {self.out / STATE_FILE}: {str(err).splitlines()[0]}") from None
-        print_notes(set_rng_state(state["rng"]), self.info.is_main)
-        self.start_epoch, self.start_step = int(state["epoch"]), int(state["step_in_epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
-        self.best_top1 = float(state["best_top1"])
-        self.partial = dict(state["partial"])
-        self.wall_time = float(state["wall_time_s"])
-        if self.info.is_main:
-            print(f"tpsvit train: resuming {self.out} at epoch {self.start_epoch + 1}, step {self.start_step} "
-                  f"(global step {self.global_step})", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------------ steps
 
@@ -517,97 +288,12 @@ class Run:
         return (f"{where} (found {when}: the losses are read from the device every log_every="
                 f"{self.cfg.log_every} steps; nothing was saved after step {step})")
 
-    def _device_batch_note(self) -> str:
-        cap = self.cfg.device_batch
-        return f" (device_batch {cap})" if cap is not None else ""
-
-    def out_of_memory_message(self) -> str:
-        """What to set when a micro-step runs out of device memory."""
-        cfg, info = self.cfg, self.info
-        smaller = max(1, self.per_rank // 2)
-        hints = [f"--device-batch {smaller} (config key device_batch; gradient accumulation is raised automatically "
-                 f"to keep the global batch {cfg.batch_size})"]
-        if not cfg.grad_checkpointing:
-            hints.append("--grad-checkpointing")
-        again = " and rerun with --resume" if (self.out / STATE_FILE).exists() else " and rerun"
-        return (f"out of memory on {info.device} at {self.per_rank} images per device and micro-step (global batch "
-                f"{cfg.batch_size} = {info.world_size} rank(s) x {self.per_rank} x {self.accum} accumulation steps); "
-                f"set {' and/or '.join(hints)}{again}")
-
     def current_lr(self) -> float:
         """The predictor (main) learning rate now."""
         cfg = self.cfg
         # the scheduler's own count: it does not advance on steps the fp16 scaler skipped
         return cfg.lr * lr_factor(self.scheduler.last_epoch, self.total_steps, self.warmup_steps, cfg.lr, cfg.warmup_lr,
                                   cfg.min_lr)
-
-    # ------------------------------------------------------------------------------------------------ eval
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Top-1 / top-5 / loss on the evaluation split (sharded over ranks), and GMACs per image."""
-        model, info = self.model, self.info
-        model.eval()
-        counts = [0.0, 0.0, 0.0, 0.0]  # top1, top5, loss sum, images
-        for x, y in self.data.eval.batches():
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            with self._autocast():
-                logits = logits_of(model(x))
-            top1, top5 = accuracy(logits, y)
-            counts = [counts[0] + top1, counts[1] + top5,
-                      counts[2] + float(F.cross_entropy(logits.float(), y, reduction="sum")), counts[3] + len(y)]
-        counts = distributed.all_reduce_sum(counts, info)
-        gmacs = self._gmacs()
-        model.train()
-        n = max(1.0, counts[3])
-        return {"test_top1": 100.0 * counts[0] / n, "test_top5": 100.0 * counts[1] / n,
-                "test_loss": counts[2] / n, "gmacs": gmacs}
-
-    def _gmacs(self) -> float:
-        img_size = int(self.cfg.img_size or input_size(self.model)[1])
-        try:
-            return float(gmacs(self.model, img_size=img_size))
-        except Exception:  # no analytic count for this model: count the real forward
-            return counted_gmacs(self.model, img_size=img_size)
-
-    # ------------------------------------------------------------------------------------------------ saving
-
-    def _state(self, epoch: int, step: int) -> dict:
-        return {
-            "format": 1,
-            "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "amp": _amp_name(self.amp),  # the resolved choice: `amp: auto` keeps it on resume
-            "epoch": epoch,
-            "step_in_epoch": step,
-            "global_step": self.global_step,
-            "epochs": self.cfg.epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "rng": rng_state(),
-            "history": self.history,
-            "best_top1": self.best_top1,
-            "partial": self.partial,
-            "wall_time_s": self.wall_time,
-        }
-
-    def _save_state(self, epoch: int, step: int) -> None:
-        if self.info.is_main:
-            save_state(self.out, self._state(epoch, step))
-        distributed.barrier(self.info)
-
-    def _export(self, name: str, top1: float | None, epoch: int) -> Path | None:
-        if not self.info.is_main:
-            return None
-        return save_checkpoint(
-            self.model, self.out / name, self.models.name, self.models.kwargs,
-            command=self.command, seed=self.cfg.seed, epochs=epoch, total_epochs=self.cfg.epochs,
-            global_step=self.global_step, test_top1=top1, wall_time_s=round(self.wall_time, 1),
-            machine=_machine(self.info.device), world_size=self.info.world_size, recipe=self.cfg.recipe,
-            data=self.cfg.data, trained_by="tpsvit train",
-        )
 
     # ------------------------------------------------------------------------------------------------ loop
 
@@ -673,27 +359,6 @@ class Run:
         with _StopRequest(when) as self._stop:
             return self._fit()
 
-    def _stop_signalled(self) -> bool:
-        """Whether a SIGINT/SIGTERM arrived in this process."""
-        return getattr(self, "_stop", None) is not None and self._stop.signum is not None
-
-    def _stop_requested(self) -> bool:
-        """Whether a SIGINT/SIGTERM arrived (on any rank: every rank stops at the same step)."""
-        return distributed.all_reduce_sum([float(self._stop_signalled())], self.info)[0] > 0
-
-    def _interrupted(self, epoch: int, step: int) -> None:
-        """After the state was saved at (epoch, step): say how to resume, then stop with KeyboardInterrupt."""
-        if self.info.is_main:
-            try:
-                words = shlex.split(self.command)
-            except ValueError:
-                words = [self.command]
-            again = self.command if "--resume" in words else f"{self.command} --resume"
-            print(f"tpsvit train: stopped at epoch {epoch + 1} step {step}/{self.steps_per_epoch} (global step "
-                  f"{self.global_step}); saved {self.out / STATE_FILE}; continue with: {again}", file=sys.stderr,
-                  flush=True)
-        raise KeyboardInterrupt
-
     def _fit(self) -> dict:
         cfg, info = self.cfg, self.info
         last_eval = None
@@ -726,27 +391,6 @@ class Run:
         distributed.barrier(info)
         return {**self.summary(), "final": str(final) if final else None, "history": self.history,
                 "model": self.model}
-
-    def summary(self) -> dict:
-        """Headline numbers of the run so far."""
-        return {"out": str(self.out), "epochs": self.cfg.epochs, "global_step": self.global_step,
-                "steps_per_epoch": self.steps_per_epoch, "best_top1": self.best_top1 if self.best_top1 >= 0 else None,
-                "final_top1": self.history[-1].get("test_top1") if self.history else None,
-                "wall_time_s": self.wall_time, "world_size": self.info.world_size, "command": self.command}
-
-    def _epoch_line(self, row: dict) -> str:
-        parts = [f"epoch {row['epoch']}/{self.cfg.epochs}: loss {row['train_loss']:.4f} (ce {row['loss_ce']:.4f}"]
-        for key, label in (("loss_distill", "kd"), ("loss_token", "tok"), ("loss_keep_ratio", "ratio"),
-                           ("loss_attention_distill", "attn")):
-            if row.get(key):
-                parts.append(f" {label} {row[key]:.4f}")
-        parts.append(")")
-        if row.get("test_top1") is not None:
-            parts.append(f", test top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}%, "
-                         f"{row['gmacs']:.4g} GMACs")
-        ips = row.get("train_images_per_s")
-        parts.append(f", {row['epoch_time_s']:.0f} s" + (f" ({ips:.0f} img/s)" if ips else ""))
-        return "tpsvit train: " + "".join(parts)
 
 
 def _as_config(config) -> TrainConfig:
