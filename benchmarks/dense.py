@@ -1,0 +1,243 @@
+"""Dense prediction on reduced tokens: segmentation of the cluttered canvas, every method x restore mode x budget.
+
+Setting (a) of the dense-prediction issue: the shipped cluttered base model stays frozen; two small heads are trained
+on its *unpatched* patch tokens (training images, fixed training view): a linear layer per token and a two-layer
+conv head on the 7x7 grid, both upsampled bilinearly to the 56x56 pixels. At test time each method reduces tokens
+(off-the-shelf, blocks 3/6/9, keep rate solved for the GMACs budget; ToMe: r in every block) and
+``tpsvit.restore(mode=...)`` rebuilds the grid the heads read. mIoU over 11 classes (background + 10 garments) and
+pixel accuracy on the full test set. GMACs include the head.
+
+    python benchmarks/dense.py --threads 1 [--budgets 0.65 0.5 0.35] [--train-images 20000] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import tpsvit
+from tpsvit.core.methods import METHODS as REGISTRY
+from tpsvit.core.methods import Method, register_method
+from tpsvit.data.segmentation import SEG_CLASSES, confusion, miou, segmentation_split
+from tpsvit.io.assets import load_demo_model
+from tpsvit.measure.budget import solve_keep_rate, solve_tome_r
+
+# etps-random: the squeeze with random scores; drop: class-attention top-k with the pruned tokens dropped (EViT's
+# scorer and placement without its fused token; registered below through tpsvit's method registry)
+METHODS = ("etps", "evit", "drop", "tome", "etps-random")
+MODES = ("host", "frozen", "zeros")
+LOCATIONS = (3, 6, 9)
+
+
+class LinearHead(nn.Module):
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, classes)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, classes, h, w)
+        return self.proj(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def macs(self, h: int, w: int) -> int:
+        return h * w * self.proj.in_features * self.proj.out_features
+
+
+class ConvHead(nn.Module):
+    def __init__(self, dim: int, classes: int, hidden: int = 64):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(dim, hidden, 3, padding=1), nn.Conv2d(hidden, classes, 1)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.gelu(self.conv1(grid)))
+
+    def macs(self, h: int, w: int) -> int:
+        conv1, conv2 = self.conv1, self.conv2
+        return h * w * (conv1.in_channels * conv1.out_channels * 9 + conv2.in_channels * conv2.out_channels)
+
+
+def _grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
+
+
+def _features(model, images, batch: int, desc: str) -> torch.Tensor:
+    out = []
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(images), batch), desc=desc, file=sys.stderr, leave=False):
+            out.append(model.forward_features(images[i:i + batch])[:, model.num_prefix_tokens:])
+    return torch.cat(out)
+
+
+def train_head(head: nn.Module, grids: torch.Tensor, pixels: torch.Tensor, epochs: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps = epochs * (len(grids) // 256)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in tqdm(range(epochs), desc=f"{type(head).__name__} seed {seed}", file=sys.stderr, leave=False):
+        order = torch.randperm(len(grids))
+        for i in range(0, len(grids) - 255, 256):
+            idx = order[i:i + 256]
+            logits = F.interpolate(head(grids[idx]), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, pixels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.eval()
+
+
+def _score(heads: dict, grid: torch.Tensor, pixels: torch.Tensor, counts: dict, key) -> None:
+    with torch.inference_mode():
+        for name, head in heads.items():
+            logits = F.interpolate(head(grid), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+            counts[(name, *key)] = counts.get((name, *key), 0) + confusion(logits.argmax(1), pixels)
+
+
+if "drop" not in REGISTRY:
+    register_method(Method("drop", "cls_attention", "drop", "inside", "class-attention top-k, pruned tokens dropped"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.65, 0.5, 0.35])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--train-images", type=int, default=20000)
+    p.add_argument("--test-images", type=int, default=None, help="default: the full test set (10,000)")
+    p.add_argument("--epochs", type=int, default=8, help="head training epochs on the cached unpatched features")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="head seeds")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="save the table here")
+    p.add_argument("--plot", help="mIoU-vs-GMACs plot (PNG) of the table")
+    p.add_argument("--from-json", help="only print and plot a saved run")
+    args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(_format(saved["table"], saved["unpatched_backbone_gmacs"], saved.get("test_images", 10000)))
+        if args.plot:
+            plot(saved["table"], args.plot)
+        return 0
+    torch.set_num_threads(args.threads)
+    began = time.time()
+    model = load_demo_model()
+    side = model.patch_embed.grid_size[0]
+    classes = len(SEG_CLASSES)
+    train_x, train_pix, _ = segmentation_split(True, limit=args.train_images)
+    test_x, test_pix, _ = segmentation_split(False, limit=args.test_images)
+    train_grids = _grid(_features(model, train_x, args.batch_size, "train features"), side)
+    heads = {}
+    for seed in args.seeds:
+        heads[f"linear/seed{seed}"] = train_head(LinearHead(model.embed_dim, classes), train_grids, train_pix,
+                                                 args.epochs, seed)
+        heads[f"conv/seed{seed}"] = train_head(ConvHead(model.embed_dim, classes), train_grids, train_pix,
+                                               args.epochs, seed)
+    head_macs = {"linear": LinearHead(model.embed_dim, classes).macs(side, side) / 1e9,
+                 "conv": ConvHead(model.embed_dim, classes).macs(side, side) / 1e9}
+    full = tpsvit.gmacs(model)
+    counts: dict = {}
+    runs = [("unpatched", None, None)] + [(m, b, None) for m in args.methods for b in args.budgets]
+    gmacs, amounts = {}, {}
+    for method, budget, _ in tqdm(runs, desc="configurations", file=sys.stderr):
+        tpsvit.unpatch(model)
+        if method != "unpatched":
+            base = method.removesuffix("-random")
+            if base == "tome":
+                amount = {"r": solve_tome_r(model, budget=budget)}
+                tpsvit.patch(model, "tome", r=amount["r"], locations=tuple(range(len(model.blocks))))
+            else:
+                amount = {"keep_rate": solve_keep_rate(model, base, budget=budget, locations=LOCATIONS)}
+                tpsvit.patch(model, base, locations=LOCATIONS, scorer="random" if method.endswith("-random")
+                             else "default", **amount)
+            amounts[(method, budget)] = amount
+        gmacs[(method, budget)] = tpsvit.gmacs(model)
+        torch.manual_seed(0)  # the random scorer's draws
+        with torch.inference_mode():
+            for i in range(0, len(test_x), args.batch_size):
+                x, pix = test_x[i:i + args.batch_size], test_pix[i:i + args.batch_size]
+                if method == "unpatched":
+                    _score(heads, _grid(model.forward_features(x)[:, 1:], side), pix, counts, (method, budget, "-"))
+                    continue
+                with tpsvit.tracing(model) as trace:
+                    tokens = model.forward_features(x)
+                for mode in MODES:
+                    _, grid = tpsvit.restore(tokens, trace, mode=mode, norm=model.norm if mode == "frozen" else None)
+                    _score(heads, _grid(grid, side), pix, counts, (method, budget, mode))
+    rows = []
+    for (head_seed, method, budget, mode), c in counts.items():
+        kind = head_seed.split("/")[0]
+        m, acc = miou(c)
+        rows.append({"head": kind, "seed": head_seed.split("seed")[1], "method": method, "budget": budget,
+                     "mode": mode, "miou": m, "pixel_acc": acc, "backbone_gmacs": gmacs[(method, budget)],
+                     "gmacs": gmacs[(method, budget)] + head_macs[kind], "amount": amounts.get((method, budget))})
+    table = _summarise(rows)
+    print(_format(table, full, len(test_x)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "unpatched_backbone_gmacs": full, "head_gmacs": head_macs,
+                       "test_images": len(test_x),
+                       "rows": rows, "table": table, "wall_s": time.time() - began,
+                       "threads": args.threads}, f, indent=1)
+    if args.plot:
+        plot(table, args.plot)
+    return 0
+
+
+def plot(table: list[dict], path: str) -> None:
+    """mIoU vs GMACs per head: one line per method x restore mode, the unpatched model as a star."""
+    from matplotlib.figure import Figure
+
+    heads = sorted({r["head"] for r in table})
+    fig = Figure(figsize=(6 * len(heads), 4.5))
+    styles = {"host": "-", "frozen": "--", "zeros": ":"}
+    for k, head in enumerate(heads):
+        ax = fig.add_subplot(1, len(heads), k + 1)
+        rows = [r for r in table if r["head"] == head]
+        for r in rows:
+            if r["method"] == "unpatched":
+                ax.plot(r["gmacs"], r["miou_mean"], "k*", markersize=12, label="unpatched")
+        for method in sorted({r["method"] for r in rows} - {"unpatched"}):
+            for mode, style in styles.items():
+                line = sorted((r["gmacs"], r["miou_mean"]) for r in rows if r["method"] == method and r["mode"] == mode)
+                if line:
+                    ax.plot(*zip(*line), style, marker="o", label=f"{method} / {mode}")
+        ax.set(xlabel="GMACs per image (backbone + head)", ylabel="mIoU %", title=f"{head} head, frozen backbone")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _summarise(rows: list[dict]) -> list[dict]:
+    """Mean and both seeds' mIoU per head x method x budget x mode."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["head"], r["method"], r["budget"], r["mode"]), []).append(r)
+    out = []
+    for (head, method, budget, mode), rs in groups.items():
+        values = [r["miou"] for r in sorted(rs, key=lambda r: r["seed"])]
+        out.append({"head": head, "method": method, "budget": budget, "mode": mode, "gmacs": rs[0]["gmacs"],
+                    "miou_mean": sum(values) / len(values), "miou_seeds": values,
+                    "pixel_acc_mean": sum(r["pixel_acc"] for r in rs) / len(rs), "amount": rs[0]["amount"]})
+    return out
+
+
+def _format(table: list[dict], full: float, images: int) -> str:
+    lines = [f"unpatched backbone: {full:.4f} GMACs; mIoU % over {len(SEG_CLASSES)} classes (mean of head seeds: "
+             f"values), {images} test images",
+             f"{'head':7} {'method':12} {'budget':>6} {'mode':7} {'GMACs':>8} {'mIoU':>6}  seeds          pix acc"]
+    for r in sorted(table, key=lambda r: (r["head"], -(r["budget"] or 1), r["method"], r["mode"])):
+        seeds = " / ".join(f"{v:.2f}" for v in r["miou_seeds"])
+        budget = f"{r['budget']:.0%}" if r["budget"] else "100%"
+        lines.append(f"{r['head']:7} {r['method']:12} {budget:>6} {r['mode']:7} {r['gmacs']:8.4f} "
+                     f"{r['miou_mean']:6.2f}  {seeds:14} {r['pixel_acc_mean']:6.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
