@@ -10,7 +10,7 @@ from torch import nn
 from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
 from tpsvit.vlm.config import VLMConfig, resolve_layer, validate
 from tpsvit.vlm.methods import METHODS, REGISTRY
-from tpsvit.vlm.runtime import prepare, restore_prompt
+from tpsvit.vlm.runtime import continue_positions, prepare, restore_prompt
 from tpsvit.vlm.seams import SEAMS, refusal
 from tpsvit.vlm.seams.base import VLMState
 
@@ -47,6 +47,8 @@ class VLMPatched:
         kwargs = _call_kwargs(base.forward, self, args, kwargs)
         if _has_images(kwargs):
             kwargs = prepare(self, kwargs, generating=False)
+        elif self._tps_vlm.seam.continues_positions:
+            kwargs = continue_positions(self, kwargs)
         return base.forward(self, **kwargs)
 
     def generate(self, inputs=None, *args, **kwargs):
@@ -116,6 +118,7 @@ def patch(model: nn.Module, method: str = "tps", tokens: int | None = None, keep
     full = seam.full_tokens(model)
     if tokens is not None and full is not None and tokens > full and method != "prumerge":
         raise InvalidArgumentError(f"tokens={tokens} exceeds the {full} visual tokens per image of this model")
+    seam.check(model, config)
     state = VLMState(config, seam, REGISTRY[method])
     seam.attach(model, state)
     model._tps_vlm = state
@@ -138,6 +141,14 @@ def kept_counts(model: nn.Module) -> list[int]:
     if not is_patched(model):
         raise InvalidArgumentError(f"{type(model).__name__} is not patched by tpsvit.vlm")
     return list(model._tps_vlm.last_counts)
+
+
+def kept_indices(model: nn.Module) -> list:
+    """Per image of the last forward / generate: the indices (K,) of the visual tokens whose places the kept
+    tokens take (the kept token itself, a squeeze host, a pooling window's centre, ...), ascending."""
+    if not is_patched(model):
+        raise InvalidArgumentError(f"{type(model).__name__} is not patched by tpsvit.vlm")
+    return list(model._tps_vlm.last_kept)
 
 
 def _seam(model: nn.Module):

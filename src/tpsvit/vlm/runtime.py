@@ -22,6 +22,7 @@ def prepare(model, kwargs: dict, generating: bool) -> dict:
         raise InvalidArgumentError("tpsvit.vlm reduces image tokens; pixel_values_videos is not supported")
     encoded, images = seam.encode(model, kwargs, state)
     state.last_counts = [int(rep.numel()) for _, rep in images]
+    state.last_kept = [rep.detach().cpu() for _, rep in images]
     keep = keep_columns(input_ids, seam.image_token_id(model), images)
     out = dict(kwargs)
     out["position_ids"] = seam.base_positions(model, kwargs, generating)
@@ -39,10 +40,29 @@ def prepare(model, kwargs: dict, generating: bool) -> dict:
         out["position_ids"] = positions - shift
     elif seam.text_row and positions.dim() == 3 and positions.shape[0] == 4:
         out["position_ids"] = torch.cat([positions[:1] - shift, positions[1:]])  # the text row stays compact
-    seam.after_shrink(model, (~keep).sum(dim=1))
+    removed = (~keep).sum(dim=1)
+    seam.after_shrink(model, removed)
+    # without position_ids a decoding step sits at the cache length; the full prompt would have put it this much later
+    lost = keep.shape[1] - out["input_ids"].shape[1]
+    state.decode_offset = removed.new_full(removed.shape, lost) if state.config.positions == "original" else None
     out["pixel_values"] = None
     out["mm_encoder_outputs"] = {"image": encoded}
     return out
+
+
+def continue_positions(model, kwargs: dict) -> dict:
+    """A decoding step of a hand-written loop (cache, no images, no position_ids) after a reduced prompt with
+    "original" positions: the new tokens' positions continue the full prompt's, as generate's do."""
+    state = model._tps_vlm
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    offset, input_ids = state.decode_offset, kwargs.get("input_ids")
+    if offset is None or kwargs.get("position_ids") is not None or cache is None or input_ids is None:
+        return kwargs
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    if past == 0 or offset.shape[0] != input_ids.shape[0]:
+        return kwargs
+    positions = state.seam.forward_positions(model, input_ids, past)
+    return {**kwargs, "position_ids": positions + offset.to(positions.device).view(-1, 1)}
 
 
 def restore_prompt(output, prompt: torch.Tensor, reduced_length: int):

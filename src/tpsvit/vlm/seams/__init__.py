@@ -6,8 +6,9 @@ from torch import nn
 
 from tpsvit.vlm.seams.llava import LlavaSeam
 from tpsvit.vlm.seams.paligemma import PaliGemmaSeam
+from tpsvit.vlm.seams.qwen2_5_vl import QwenSeam
 
-SEAMS = (LlavaSeam(), PaliGemmaSeam())
+SEAMS = (LlavaSeam(), PaliGemmaSeam(), QwenSeam())
 
 # classes whose connector needs the full grid of visual tokens: why tpsvit.vlm refuses them
 REFUSED = {

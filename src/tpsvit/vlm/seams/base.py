@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.vlm.methods.base import Context, Selection, select
+from tpsvit.vlm.methods.pool import pool_grid
 from tpsvit.vlm.tower import TowerCapture
 
 
@@ -25,7 +26,10 @@ class VLMState:
     selection: Selection | None = None
     active: bool = False
     full: int = 0  # tokens per image before the reduction, in the last encoding
+    rope_deltas: object = None  # Qwen2.5-VL: the full prompt's rope deltas, until the shrink adjusts them
     last_counts: list[int] = field(default_factory=list)
+    last_kept: list = field(default_factory=list)  # per image: indices (K,) of the tokens whose places are kept
+    decode_offset: Tensor | None = None  # per row: columns the last prompt lost ("original" positions go on after)
 
 
 class Seam:
@@ -34,6 +38,7 @@ class Seam:
     classes: tuple[str, ...] = ()
     positions = ("original", "compact")
     text_row = False  # position_ids carry a compact text row first (Qwen2.5-VL in generate)
+    continues_positions = True  # a hand-written decoding loop needs the "original" offset (Qwen: its rope deltas)
     # tensors aligned with input_ids (last dim) and the value their new padding takes; None: the model's pad token
     sequence_pads: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": -100, "position_ids": 0}
 
@@ -46,6 +51,9 @@ class Seam:
     def full_tokens(self, model: nn.Module) -> int | None:
         """Visual tokens per image without reduction, when the model fixes it (else None)."""
         return None
+
+    def check(self, model: nn.Module, config) -> None:
+        """Refuse, at patch time, a budget this model's fixed grid cannot give (pool)."""
 
     def attach(self, model: nn.Module, state: VLMState) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -124,6 +132,25 @@ class ProjectorSeam(Seam):
         config = self.tower(model).config
         grid = feature_grid(config, (config.image_size // config.patch_size) ** 2)
         return None if grid is None else grid[0] * grid[1]
+
+    def prefix(self, model) -> int:
+        """Class tokens at the head of the projector's inputs (always kept)."""
+        return 0
+
+    def check(self, model, config):
+        full = self.full_tokens(model)
+        if full is None:
+            return
+        prefix = self.prefix(model)
+        if config.budget(full) <= prefix:
+            raise InvalidArgumentError(f"tokens={config.budget(full)} leaves no patch token: the projector's inputs "
+                                       f"start with {prefix} class token(s) that are always kept")
+        if config.method != "pool":
+            return
+        grid = feature_grid(self.tower(model).config, full - prefix)
+        budget = config.budget(full)
+        if grid is not None and budget < full:
+            pool_grid(budget - prefix, *grid)
 
     def attach(self, model, state):
         state.capture = TowerCapture(self.tower(model), state.config.layer)

@@ -20,7 +20,10 @@ class LlavaSeam(ProjectorSeam):
         patches = super().full_tokens(model)
         if patches is None:
             return None
-        return patches + int(model.config.vision_feature_select_strategy == "full" and self._has_class(model))
+        return patches + self.prefix(model)
+
+    def prefix(self, model):
+        return int(model.config.vision_feature_select_strategy == "full" and self._has_class(model))
 
     def _has_class(self, model):
         return type(self.tower(model)).__name__ != "SiglipVisionModel"
