@@ -158,3 +158,22 @@ def language_model_inputs(model):
         records.append((embeds.shape[1], kwargs.get("position_ids")))
 
     return records, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def llava_processor():
+    """A LlavaProcessor built offline for :func:`llava`: a word-level tokenizer over the 100 ids ("w5" is id 5,
+    "<image>" is 99, left padding) and a CLIP image processor to 32 x 32, so ``processor(images=..., text=...)``
+    expands each "<image>" into the 16 placeholders the model expects."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, IMAGE)] + ["<image>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left",
+                                   extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=TOWER["patch_size"],
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
