@@ -159,3 +159,15 @@ def test_the_tower_keeps_fused_attention(monkeypatch):
         c.model(**c.inputs())
     assert calls.count(17) == 3  # the three CLIP layers, class token + 16 patches, through SDPA
     assert c.model.model.vision_tower.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["llava-clip", "qwen"])
+def test_beam_search_expands_the_reduced_features_per_row(name):
+    c = case(name)
+    vlm.patch(c.model, "tps", tokens=N)
+    beams = dict(GEN, num_beams=2)
+    batch = c.inputs(rows=(0, 1))
+    out = c.model.generate(**batch, **beams)[:, batch["input_ids"].shape[1]:]
+    for row in (0, 1):
+        alone = c.inputs((row,))
+        assert torch.equal(c.model.generate(**alone, **beams)[:, alone["input_ids"].shape[1]:], out[row:row + 1])
