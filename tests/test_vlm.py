@@ -171,3 +171,33 @@ def test_beam_search_expands_the_reduced_features_per_row(name):
     for row in (0, 1):
         alone = c.inputs((row,))
         assert torch.equal(c.model.generate(**alone, **beams)[:, alone["input_ids"].shape[1]:], out[row:row + 1])
+
+
+@pytest.mark.parametrize("method", ["tps", "prumerge"])
+def test_a_prompt_with_two_images_beside_a_prompt_with_one(method):
+    c = case("llava-clip")
+    two = [1, 5] + [99] * 16 + [6] + [99] * 16 + [7]
+    one = [1, 9] + [99] * 16 + [10, 11]
+    ids = torch.tensor([two, [0] * (len(two) - len(one)) + one])
+    mask = (ids != 0).long()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _patch(c.model, method)
+    out = c.model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **GEN)[:, ids.shape[1]:]
+    counts = vlm.kept_counts(c.model)
+    assert len(counts) == 3 and (counts == [N] * 3 or method == "prumerge")
+    alone = c.model.generate(input_ids=ids[:1], pixel_values=pixels[:2], **GEN)[:, ids.shape[1]:]
+    assert torch.equal(alone, out[:1]) and vlm.kept_counts(c.model) == counts[:2]
+    alone = c.model.generate(input_ids=torch.tensor([one]), pixel_values=pixels[2:], **GEN)[:, len(one):]
+    assert torch.equal(alone, out[1:]) and vlm.kept_counts(c.model) == counts[2:]
+
+
+@pytest.mark.parametrize("name", ["llava-clip", "paligemma", "qwen"])
+def test_bfloat16_models_generate_with_every_method(name):
+    c = case(name)
+    c.model.to(torch.bfloat16)
+    inputs = c.inputs(rows=(0, 1))
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    for method in vlm.METHODS:
+        _patch(c.model, method)
+        ids = c.model.generate(**inputs, **GEN)
+        assert ids.shape == (2, inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
