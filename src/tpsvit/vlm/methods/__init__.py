@@ -22,21 +22,19 @@ class VLMMethod:
     fn: Callable
     summary: str
     paper: str
-    scores: bool = False  # reads ctx.scores()
     adaptive: bool = False  # chooses its own count (k is an upper bound)
 
 
 REGISTRY: dict[str, VLMMethod] = {m.name: m for m in (
     VLMMethod("tps", tps, "keep the top-N by score, squeeze each pruned token into its most similar kept token",
-              "Wei et al., Joint Token Pruning and Squeezing, CVPR 2023", scores=True),
-    VLMMethod("drop", drop, "keep the top-N by score, discard the rest", "pruning without squeeze (TPS ablation)",
-              scores=True),
+              "Wei et al., Joint Token Pruning and Squeezing, CVPR 2023"),
+    VLMMethod("drop", drop, "keep the top-N by score, discard the rest", "pruning without squeeze (TPS ablation)"),
     VLMMethod("random", random_keep, "keep N tokens drawn at random", "baseline"),
     VLMMethod("pool", pool, "2-D average pooling of the patch grid to a x b = N tokens", "baseline"),
     VLMMethod("visionzip", visionzip, "dominant tokens by score + contextual tokens merged by key similarity",
-              "Yang et al., VisionZip, CVPR 2025", scores=True),
+              "Yang et al., VisionZip, CVPR 2025"),
     VLMMethod("prumerge", prumerge, "adaptive count (IQR outliers of the scores), neighbours merged into them",
-              "Shang et al., LLaVA-PruMerge, 2024", scores=True, adaptive=True),
+              "Shang et al., LLaVA-PruMerge, 2024", adaptive=True),
     VLMMethod("tome", tome, "bipartite soft matching on keys until N tokens remain",
               "Bolya et al., Token Merging, ICLR 2023"),
 )}

@@ -30,7 +30,6 @@ class Context:
     grid: tuple[int, int] | None = None
     score_fn: Callable[[], Tensor] | None = None  # () -> (B, n) importance of each patch token, higher = keep
     keys_fn: Callable[[], Tensor] | None = None  # () -> (B, n, D) keys of the scoring layer, mean over heads
-    scorer: str = "class attention"
     _cache: dict = field(default_factory=dict)
 
     def scores(self) -> Tensor:

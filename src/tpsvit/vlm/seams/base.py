@@ -177,7 +177,6 @@ class ProjectorSeam(Seam):
             grid=feature_grid(tower_config, x.shape[1] - prefix),
             score_fn=lambda: capture.scores(q, k)[:, start:],
             keys_fn=lambda: capture.keys(k)[:, start:],
-            scorer="class attention" if capture.class_token else "attention received",
         )
         state.full = x.shape[1]
         state.selection = select(state.method, x, state.config.budget(x.shape[1]), prefix, ctx)

@@ -99,8 +99,7 @@ class QwenSeam(Seam):
             n = x.shape[0]
             span = slice(start, start + n)
             ctx = Context(grid=(h // visual.spatial_merge_size, w // visual.spatial_merge_size),
-                          score_fn=lambda span=span: scores[span][None], keys_fn=lambda span=span: keys[span][None],
-                          scorer="attention received")
+                          score_fn=lambda span=span: scores[span][None], keys_fn=lambda span=span: keys[span][None])
             selection = select(state.method, x[None], state.config.budget(n), 0, ctx)
             (tokens, rep), = selection.per_image()
             features.append(tokens)
