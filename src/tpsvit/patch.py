@@ -93,7 +93,7 @@ def patch(
         class_token=family.has_class_token(model),
     )
     grid = family.grid_size(model)
-    if config.r is not None and grid is not None and max(config.r) > grid[0] * grid[1] // 2:
+    if config.r and grid is not None and max(config.r) > grid[0] * grid[1] // 2:
         raise InvalidArgumentError(
             f"r={max(config.r)} is more than ToMe can merge in one block: at most half of the {grid[0] * grid[1]} "
             f"patch tokens ({grid[0] * grid[1] // 2}); later blocks merge at most half of what is left"

@@ -13,7 +13,13 @@ import copy
 import dataclasses
 from typing import TYPE_CHECKING
 
-from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments
+from tpsvit.commands.options import (
+    DEFAULT_MODEL,
+    add_model_arguments,
+    add_threads_argument,
+    add_variant_arguments,
+    apply_threads,
+)
 from tpsvit.core.config import DEFAULT_LOCATIONS
 
 if TYPE_CHECKING:
@@ -84,12 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="also count with torch.utils.flop_counter on a random-weight forward pass")
     parser.add_argument("--json", metavar="PATH", help="save the table (and breakdowns) as JSON")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from tpsvit.measure.evaluation import format_table, write_json
     from tpsvit.measure.flops import counted_gmacs, format_breakdown, gmacs, gmacs_per_block
 
+    apply_threads(args)
     base = load_base_model(args, meta=not args.check)
     variants = variants_from_args(args, base)
     rows, full = [], None
