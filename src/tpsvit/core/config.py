@@ -159,7 +159,7 @@ def _validate_locations(locations, depth: int) -> tuple[int, ...]:
 
 
 def _validate_keep_rate(keep_rate, locs: tuple[int, ...]) -> tuple[float, ...]:
-    if isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool):
+    if isinstance(keep_rate, (int, float)):
         _check_rate(keep_rate)  # also with no locations: a bad value is an error even where nothing uses it
         rates = (float(keep_rate),) * len(locs)
     elif isinstance(keep_rate, (str, bytes)):
@@ -180,7 +180,9 @@ def _validate_keep_rate(keep_rate, locs: tuple[int, ...]) -> tuple[float, ...]:
 
 
 def _check_rate(rate) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0 < rate <= 1):
+    if isinstance(rate, bool):
+        raise InvalidArgumentError(f"keep_rate {rate!r} is a bool; allowed: a number with 0 < keep_rate <= 1")
+    if not isinstance(rate, (int, float)) or not (0 < rate <= 1):
         raise InvalidArgumentError(f"keep_rate {rate!r} is outside (0, 1]; allowed: 0 < keep_rate <= 1")
 
 
