@@ -34,6 +34,7 @@ class Entry:
     sizes: tuple[int, ...] = (32,)  # square image sides it accepts
     bad_sizes: tuple[int, ...] = (16, 40)  # ones it refuses
     pools_all: bool = False  # its head pools every token: the masked training path (dtps/dynamicvit) is refused
+    class_token: bool = True  # without one, etps / evit score by the attention each token receives (all queries)
     depth: int = 4
 
 
@@ -65,7 +66,8 @@ ZOO: dict[str, Entry] = {
     "vit_16px": Entry(lambda: VisionTransformer(**{**TIMM, "img_size": 16}), sizes=(16,), bad_sizes=(32,)),
     "deit_distilled": Entry(lambda: VisionTransformerDistilled(**TIMM)),
     "vit_registers": Entry(lambda: VisionTransformer(**TIMM, reg_tokens=2)),
-    "vit_no_class_token": Entry(lambda: VisionTransformer(**TIMM, class_token=False, global_pool="avg")),
+    "vit_no_class_token": Entry(lambda: VisionTransformer(**TIMM, class_token=False, global_pool="avg"),
+                                class_token=False),
     "vit_dynamic_size": Entry(lambda: VisionTransformer(**TIMM, dynamic_img_size=True), sizes=(32, 16, 40),
                               bad_sizes=(34,)),
     "eva_dinov3": Entry(lambda: Eva(**TIMM, **EVA_DINOV3)),
@@ -75,8 +77,11 @@ ZOO: dict[str, Entry] = {
     "hf_dinov2": Entry(lambda: _hf("dinov2"), hf=True, sizes=(32, 16, 40), bad_sizes=(), pools_all=True),
     "hf_dinov2_registers": Entry(lambda: _hf("dinov2_registers"), hf=True, sizes=(32, 24), bad_sizes=()),
     "hf_clip": Entry(lambda: _hf("clip"), hf=True),
-    "hf_siglip": Entry(lambda: _hf("siglip"), hf=True, pools_all=True),
+    "hf_siglip": Entry(lambda: _hf("siglip"), hf=True, pools_all=True, class_token=False),
 }
+
+
+WITH_CLASS_TOKEN = tuple(name for name, entry in ZOO.items() if entry.class_token)
 
 
 @functools.cache

@@ -86,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
     from tpsvit.commands.evaluate import COLUMNS, weights_status
     from tpsvit.commands.flops import with_scorer
     from tpsvit.data.datasets import embedded_dataset
+    from tpsvit.io.atomic import check_writable
     from tpsvit.measure.bench import environment, format_environment
     from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
     from tpsvit.measure.flops import gmacs
 
     start = time.perf_counter()
     apply_threads(args)
+    check_writable(Path(args.out) / "results.csv")  # before the evaluation, not after it
     base, base_meta, tuned, tuned_meta = _models(args)
     dataset = embedded_dataset(args.data)
     images, labels = dataset(root=args.data_dir, train=False).tensors()

@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tpsvit.commands.flops import load_base_model, make_variant, variants_from_args, with_scorer
     from tpsvit.families import family_of
+    from tpsvit.io.atomic import check_writable
     from tpsvit.io.hf_loading import is_hf_source
     from tpsvit.io.loading import checkpoint_metadata
     from tpsvit.measure.bench import environment, format_environment
@@ -134,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from tpsvit.measure.flops import gmacs
 
     apply_threads(args)
+    if args.workers < 0:
+        raise InvalidArgumentError(f"--workers {args.workers} must be >= 0 (0: load in the main process)")
+    if args.out:
+        check_writable(Path(args.out) / "results.csv")  # before the evaluation, not after it
     checkpoint = args.checkpoint
     if args.model is None and checkpoint is None:
         from tpsvit.io.assets import demo_checkpoint

@@ -21,6 +21,7 @@ from tpsvit.commands.options import (
     apply_threads,
 )
 from tpsvit.core.config import DEFAULT_LOCATIONS
+from tpsvit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from tpsvit.measure.budget import Variant
@@ -37,12 +38,28 @@ def load_base_model(args: argparse.Namespace, meta: bool = False, default_model:
     from tpsvit.io.hf_loading import is_hf_source
     from tpsvit.io.loading import create_model, load_model
 
+    if args.img_size is not None and (isinstance(args.img_size, bool) or args.img_size < 1):
+        raise InvalidArgumentError(f"--img-size {args.img_size} must be a side in pixels >= 1")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     name = args.model or (None if args.checkpoint else default_model)
     if meta and args.checkpoint is None and not args.pretrained and not is_hf_source(name):
         with torch.device("meta"):
-            return create_model(name, **kwargs)
-    return load_model(name, args.checkpoint, args.pretrained, **kwargs)
+            return _check_grid(create_model(name, **kwargs), args.img_size)
+    return _check_grid(load_model(name, args.checkpoint, args.pretrained, **kwargs), args.img_size)
+
+
+def _check_grid(model, img_size):
+    """``model``, or an :class:`InvalidArgumentError` when ``--img-size`` leaves it no patch token."""
+    from tpsvit.errors import UnsupportedModelError
+    from tpsvit.families import family_of
+
+    try:
+        grid = family_of(model).grid_size(model)
+    except UnsupportedModelError:
+        return model  # the command that uses it says why
+    if img_size is not None and grid is not None and min(grid) < 1:
+        raise InvalidArgumentError(f"--img-size {img_size} is smaller than one patch of this model; give a larger side")
+    return model
 
 
 def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
