@@ -50,10 +50,17 @@ def _summary(name: str) -> str:
     return doc.strip().splitlines()[0]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one line for a bad option (the usage is in ``--help``), as for tpsvit's own errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only`` a command name, only that command's module is imported (its options parsed), and
     with ``only=""`` none is (the commands are listed from their docstrings: `tpsvit --help` without torch)."""
-    parser = argparse.ArgumentParser(prog="tpsvit", description="Token Pruning & Squeezing for timm ViTs.")
+    parser = _Parser(prog="tpsvit", description="Token Pruning & Squeezing for timm ViTs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:

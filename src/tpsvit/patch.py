@@ -93,7 +93,7 @@ def patch(
         class_token=family.has_class_token(model),
     )
     grid = family.grid_size(model)
-    if config.r is not None and grid is not None and max(config.r) > grid[0] * grid[1] // 2:
+    if config.r and grid is not None and max(config.r) > grid[0] * grid[1] // 2:
         raise InvalidArgumentError(
             f"r={max(config.r)} is more than ToMe can merge in one block: at most half of the {grid[0] * grid[1]} "
             f"patch tokens ({grid[0] * grid[1] // 2}); later blocks merge at most half of what is left"
@@ -157,7 +157,7 @@ def set_predictor_training(model: nn.Module, decisions: str = "gumbel", record_c
     or ``"topk"`` (the inference decisions); ``record_class_attention`` fills :attr:`ForwardState.ranking` for the
     predictors' class-attention distillation (:func:`tpsvit.train.losses.attention_ranking_loss`)."""
     if decisions not in ("gumbel", "topk"):
-        raise ValueError(f"decisions {decisions!r}; allowed: gumbel, topk")
+        raise InvalidArgumentError(f"decisions {decisions!r}; allowed: gumbel, topk")
     runtime = _runtime(model)
     runtime.training_decisions, runtime.record_class_attention = decisions, bool(record_class_attention)
 
@@ -173,7 +173,7 @@ def forward_state(model: nn.Module) -> ForwardState:
     """The :class:`ForwardState` of the last forward pass of a patched model (keep decisions, positions, sizes)."""
     state = _runtime(model).state
     if state is None:
-        raise ValueError("the patched model has not run a forward pass yet")
+        raise InvalidArgumentError("the patched model has not run a forward pass yet")
     return state
 
 
@@ -196,7 +196,7 @@ def tracing(model: nn.Module) -> Iterator[Trace]:
 
 def _runtime(model: nn.Module) -> Runtime:
     if not is_patched(model):
-        raise ValueError("this model is not patched; call tpsvit.patch(model, ...) first")
+        raise InvalidArgumentError("this model is not patched; call tpsvit.patch(model, ...) first")
     return model._tps_runtime
 
 

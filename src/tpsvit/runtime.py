@@ -28,6 +28,7 @@ from tpsvit.core.scoring import (
 )
 from tpsvit.core.squeeze import squeeze_masked
 from tpsvit.core.trace import LocationTrace, Trace
+from tpsvit.errors import InvalidArgumentError
 from tpsvit.families.base import Family
 
 
@@ -69,11 +70,16 @@ class Runtime:
         self.restore_mode = "host"  # feature maps of grid-returning models (tpsvit.restore's mode)
         self.record_class_attention = False  # masked path: record ForwardState.ranking (predictor distillation)
 
-    def begin(self, model: nn.Module) -> None:
+    def begin(self, model: nn.Module, images=None) -> None:
+        """Start a forward pass; ``images`` (B, C, H, W), when the caller has them, give the trace this pass's grid
+        (a model that accepts other sizes than its own has another grid then)."""
         masked = self.force_masked or (self.config.spec.learned and model.training)
         self.state = ForwardState(masked=masked)
         if self.trace is not None:
-            self.trace.reset(self.config.method, self.config.num_prefix_tokens, self.grid_size, masked)
+            grid = self.grid_size
+            if isinstance(images, Tensor) and images.dim() == 4:
+                grid = self.family.input_grid(model, int(images.shape[-2]), int(images.shape[-1]))
+            self.trace.reset(self.config.method, self.config.num_prefix_tokens, grid, masked)
 
     def ensure_state(self, module: nn.Module) -> ForwardState:
         """The current forward state (a block called on its own starts one)."""
@@ -85,7 +91,9 @@ class Runtime:
         """The block's attention on ``x`` (after norm1) under the current state: masked, size-biased or plain."""
         state = self.state
         if (attn_mask is not None or is_causal) and (state.policy is not None or state.size is not None):
-            raise ValueError("attn_mask / is_causal are not supported by a patched model once tokens are reduced")
+            raise InvalidArgumentError(
+                "attn_mask / is_causal are not supported by a patched model once tokens are reduced"
+            )
         if state.policy is not None:
             return self.family.masked_attention(block, x, state.policy, extras)
         if state.size is not None:
@@ -159,6 +167,8 @@ def _track(block, state: ForwardState, runtime: Runtime, result: Reduction, scor
     if trace is not None:
         if not trace.locations:
             trace.num_patches = n
+            if trace.grid_size is not None and trace.grid_size[0] * trace.grid_size[1] != n:
+                trace.grid_size = None  # the input's grid could not be told (a block called on its own)
         trace.locations.append(
             LocationTrace(
                 block=block._tps_index,
@@ -181,6 +191,9 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: Runtime, reduction: dic
     prefix, patches = x[:, :prefix_len], x[:, prefix_len:]
     batch, n = patches.shape[:2]
     prev = state.policy[:, prefix_len:] if state.policy is not None else patches.new_ones(batch, n)
+    if reduction["keep_rate"] >= 1:  # keep 1 is the unpatched model here too: Gumbel samples would still drop tokens
+        state.decisions.append(prev)  # one decision per location for the keep-ratio loss
+        return x
     if config.scorer == "random":
         keep = top_k_mask(random_scores((batch, n), x.device), prev, reduction["keep_rate"])
     else:

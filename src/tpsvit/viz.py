@@ -82,6 +82,16 @@ def model_data_config(model: nn.Module) -> dict:
     return cfg
 
 
+def _make_folder(out: Path) -> None:
+    """``out`` and its parents created; a file in the way or no permission is an :class:`InvalidArgumentError`."""
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"cannot write token maps into {str(out)!r}: it is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot create the folder {str(out)!r}: {err.strerror or err}") from None
+
+
 def visualize(
     model: nn.Module,
     images: Tensor,
@@ -137,7 +147,7 @@ def visualize(
     class_names = class_names if class_names is not None else _default_class_names(model)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_folder(out)
     results = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]

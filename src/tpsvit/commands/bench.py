@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments
-from tpsvit.errors import InvalidArgumentError
+from tpsvit.commands.options import (
+    DEFAULT_MODEL,
+    add_model_arguments,
+    add_threads_argument,
+    add_variant_arguments,
+    apply_threads,
+)
 
 COLUMNS = [
     ("label", "variant", ""),
@@ -33,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--runs", type=int, default=10, help="timed passes per model per round (default: 10)")
     group.add_argument("--warmup", type=int, default=3, help="untimed passes per model first (default: 3)")
     group.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all models (default: 3)")
-    group.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's)")
+    add_threads_argument(group)
     parser.add_argument("--json", metavar="PATH", help="save the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one per batch size)")
 
@@ -64,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from tpsvit.measure.evaluation import format_table, write_json
     from tpsvit.measure.flops import gmacs
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgumentError(f"--threads {args.threads} must be >= 1 (or leave it out for torch's default)")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(args)
     variants = variants_from_args(args, base)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tpsvit.commands.options import add_threads_argument, apply_threads
 from tpsvit.core.methods import METHODS
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.io.assets import DEFAULT_DATA, DEMO_MODELS, demo_checkpoint
@@ -45,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "few schedule families at the same GMACs by top-1 on training images (tpsvit.plan)")
     parser.add_argument("--calib-images", type=int, default=1000, metavar="N",
                         help="--schedule auto: the first N training images calibrate (default: 1000)")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (default: torch's; on a small shared CPU, 1 is often faster)")
+    add_threads_argument(parser)
     parser.add_argument("--out", metavar="DIR", default="tpsvit-demo", help="output folder (default: ./tpsvit-demo)")
     parser.add_argument("--checkpoint", metavar="FILE", help="a base model other than the shipped one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,20 +82,18 @@ def _variants(base, methods, budgets, auto: bool = False, tuned=None, calib=None
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from tpsvit.commands.evaluate import COLUMNS, weights_status
     from tpsvit.commands.flops import with_scorer
     from tpsvit.data.datasets import embedded_dataset
+    from tpsvit.io.atomic import check_writable
     from tpsvit.measure.bench import environment, format_environment
     from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
     from tpsvit.measure.flops import gmacs
 
     start = time.perf_counter()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgumentError(f"--threads {args.threads} must be >= 1")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
+    check_writable(Path(args.out) / "results.csv")  # before the evaluation, not after it
     base, base_meta, tuned, tuned_meta = _models(args)
     dataset = embedded_dataset(args.data)
     images, labels = dataset(root=args.data_dir, train=False).tensors()

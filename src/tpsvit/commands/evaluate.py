@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tpsvit.commands.options import add_model_arguments, add_variant_arguments
+from tpsvit.commands.options import add_model_arguments, add_threads_argument, add_variant_arguments, apply_threads
 from tpsvit.core.methods import get_method
 from tpsvit.errors import DatasetError, InvalidArgumentError, UnsupportedModelError
 
@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="--schedule auto with ImageFolder data: an ImageFolder tree of training images")
     parser.add_argument("--device", help="cpu, cuda ... (default: cuda when available, else cpu)")
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (default: fp32)")
+    add_threads_argument(parser)
     parser.add_argument("--out", metavar="DIR", help="write results.csv, results.json and accuracy_vs_gmacs.png here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -126,12 +127,18 @@ def run(args: argparse.Namespace) -> int:
 
     from tpsvit.commands.flops import load_base_model, make_variant, variants_from_args, with_scorer
     from tpsvit.families import family_of
+    from tpsvit.io.atomic import check_writable
     from tpsvit.io.hf_loading import is_hf_source
     from tpsvit.io.loading import checkpoint_metadata
     from tpsvit.measure.bench import environment, format_environment
     from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs, write_csv, write_json
     from tpsvit.measure.flops import gmacs
 
+    apply_threads(args)
+    if args.workers < 0:
+        raise InvalidArgumentError(f"--workers {args.workers} must be >= 0 (0: load in the main process)")
+    if args.out:
+        check_writable(Path(args.out) / "results.csv")  # before the evaluation, not after it
     checkpoint = args.checkpoint
     if args.model is None and checkpoint is None:
         from tpsvit.io.assets import demo_checkpoint

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tpsvit.commands.options import add_model_arguments
+from tpsvit.commands.options import add_model_arguments, add_threads_argument, apply_threads
 from tpsvit.core.methods import METHODS
 from tpsvit.errors import InvalidArgumentError
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
     out.add_argument("--atol", type=float, default=1e-3,
                      help="largest allowed difference of onnxruntime's logits to PyTorch's (default: 1e-3)")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
+    add_threads_argument(parser)
 
 
 def choose_variant(args: argparse.Namespace, base):
@@ -67,8 +67,6 @@ def _namespace(args, methods, keep_rates):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from tpsvit.commands.flops import load_base_model, make_variant
     from tpsvit.io.export import check_writable, export_onnx, require_export_dependencies
     from tpsvit.io.loading import checkpoint_metadata
@@ -77,10 +75,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(Path(args.onnx))
     if args.batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads:
-        if args.threads < 1:
-            raise InvalidArgumentError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.model is None and args.checkpoint is None:
         from tpsvit.io.assets import demo_checkpoint
 

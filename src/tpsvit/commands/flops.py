@@ -13,8 +13,15 @@ import copy
 import dataclasses
 from typing import TYPE_CHECKING
 
-from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments
+from tpsvit.commands.options import (
+    DEFAULT_MODEL,
+    add_model_arguments,
+    add_threads_argument,
+    add_variant_arguments,
+    apply_threads,
+)
 from tpsvit.core.config import DEFAULT_LOCATIONS
+from tpsvit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from tpsvit.measure.budget import Variant
@@ -31,12 +38,28 @@ def load_base_model(args: argparse.Namespace, meta: bool = False, default_model:
     from tpsvit.io.hf_loading import is_hf_source
     from tpsvit.io.loading import create_model, load_model
 
+    if args.img_size is not None and (isinstance(args.img_size, bool) or args.img_size < 1):
+        raise InvalidArgumentError(f"--img-size {args.img_size} must be a side in pixels >= 1")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     name = args.model or (None if args.checkpoint else default_model)
     if meta and args.checkpoint is None and not args.pretrained and not is_hf_source(name):
         with torch.device("meta"):
-            return create_model(name, **kwargs)
-    return load_model(name, args.checkpoint, args.pretrained, **kwargs)
+            return _check_grid(create_model(name, **kwargs), args.img_size)
+    return _check_grid(load_model(name, args.checkpoint, args.pretrained, **kwargs), args.img_size)
+
+
+def _check_grid(model, img_size):
+    """``model``, or an :class:`InvalidArgumentError` when ``--img-size`` leaves it no patch token."""
+    from tpsvit.errors import UnsupportedModelError
+    from tpsvit.families import family_of
+
+    try:
+        grid = family_of(model).grid_size(model)
+    except UnsupportedModelError:
+        return model  # the command that uses it says why
+    if img_size is not None and grid is not None and min(grid) < 1:
+        raise InvalidArgumentError(f"--img-size {img_size} is smaller than one patch of this model; give a larger side")
+    return model
 
 
 def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
@@ -84,12 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="also count with torch.utils.flop_counter on a random-weight forward pass")
     parser.add_argument("--json", metavar="PATH", help="save the table (and breakdowns) as JSON")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from tpsvit.measure.evaluation import format_table, write_json
     from tpsvit.measure.flops import counted_gmacs, format_breakdown, gmacs, gmacs_per_block
 
+    apply_threads(args)
     base = load_base_model(args, meta=not args.check)
     variants = variants_from_args(args, base)
     rows, full = [], None

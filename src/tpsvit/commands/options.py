@@ -1,4 +1,5 @@
-"""Model and comparison options shared by ``tpsvit flops``, ``tpsvit bench``, ``tpsvit eval`` and ``tpsvit export``.
+"""Options shared by the commands: the model and comparison options of ``tpsvit flops``, ``bench``, ``eval`` and
+``export``, and ``--threads`` of every command that runs a model.
 
 Only argparse and torch-free modules here: building a command's parser (``--help``, a bad option) must not import
 torch or timm. What the options load and compare is in :mod:`tpsvit.commands.flops`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tpsvit.core.methods import METHODS
+from tpsvit.errors import InvalidArgumentError
 
 DEFAULT_MODEL = "deit_small_patch16_224"
 
@@ -41,3 +43,26 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run each method at this fraction of the unpatched GMACs (e.g. 0.35); the keep "
                              "rate (ToMe: r) is solved analytically")
     budget.add_argument("--gmacs", type=float, metavar="G", help="also run each method at this many GMACs (e.g. 1.6)")
+
+
+THREADS_HELP = "torch CPU threads, >= 1 (default: torch's; on a small shared CPU, 1 avoids thread thrashing)"
+
+
+def add_threads_argument(parser, default=None) -> None:
+    """``--threads N`` on ``parser`` (a parser or an argument group): torch's CPU threads for the whole command, the
+    same meaning on every command. ``default=argparse.SUPPRESS`` leaves the attribute out when not given (train: the
+    recipe decides)."""
+    parser.add_argument("--threads", type=int, default=default, metavar="N", help=THREADS_HELP)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``torch.set_num_threads(args.threads)`` when ``--threads`` was given; anything below 1 is an
+    :class:`InvalidArgumentError` naming the value."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidArgumentError(f"--threads {threads} must be >= 1 (or leave it out for torch's default)")
+    import torch
+
+    torch.set_num_threads(threads)

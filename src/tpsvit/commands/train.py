@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from tpsvit.commands.options import add_threads_argument
 from tpsvit.errors import InvalidArgumentError
 
 DEFAULT_RECIPE = "imagenet-dtps"
@@ -118,8 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=int, default=S, help="DataLoader workers per rank (ImageFolder)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N")
-    engine.add_argument("--threads", type=int, default=S, metavar="N",
-                        help="torch CPU threads (default: torch's); on a small shared CPU, 1 avoids thread thrashing")
+    add_threads_argument(engine, default=S)  # the recipe key `threads`: applied by the training loop
     engine.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=S,
                         help="autocast; auto: bf16 on GPUs of compute capability >= 8.0, fp16 with a gradient "
                              "scaler below (V100, T4), none on CPU")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tpsvit.commands.options import add_threads_argument, apply_threads
 from tpsvit.core.methods import METHODS
 from tpsvit.errors import CheckpointError, DatasetError, InvalidArgumentError
 
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--out", default="tpsvit-viz", help="folder for the PNG files (default: ./tpsvit-viz)")
     out.add_argument("--dpi", type=int, default=100, help="pixels per inch (default 100)")
     out.add_argument("--panel-size", type=float, default=None, help="inches per panel (default: by grid size)")
+    add_threads_argument(parser)
     out.add_argument("--links", action=argparse.BooleanOptionalAction, default=None,
                      help="join each pruned patch to its host by a line (default: only on grids of <= 64 tokens)")
 
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dpi < 10 or (args.panel_size is not None and args.panel_size <= 0.5):
         raise InvalidArgumentError("--dpi must be >= 10 and --panel-size > 0.5 inches")
     paths = collect_images(args.inputs)  # cheap checks first, before the model is built
+    apply_threads(args)
     model = load_patched_model(args)
     sources = []
     if paths:

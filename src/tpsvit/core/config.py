@@ -159,7 +159,8 @@ def _validate_locations(locations, depth: int) -> tuple[int, ...]:
 
 
 def _validate_keep_rate(keep_rate, locs: tuple[int, ...]) -> tuple[float, ...]:
-    if isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool):
+    if isinstance(keep_rate, (int, float)):
+        _check_rate(keep_rate)  # also with no locations: a bad value is an error even where nothing uses it
         rates = (float(keep_rate),) * len(locs)
     elif isinstance(keep_rate, (str, bytes)):
         raise InvalidArgumentError(f"keep_rate must be a number in (0, 1] or a list of them, got {keep_rate!r}")
@@ -174,16 +175,30 @@ def _validate_keep_rate(keep_rate, locs: tuple[int, ...]) -> tuple[float, ...]:
                 "give one value, or one per location"
             )
     for rate in rates:
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0 < rate <= 1):
-            raise InvalidArgumentError(f"keep_rate {rate!r} is outside (0, 1]; allowed: 0 < keep_rate <= 1")
+        _check_rate(rate)
     return tuple(float(x) for x in rates)
 
 
+def _check_rate(rate) -> None:
+    if isinstance(rate, bool):
+        raise InvalidArgumentError(f"keep_rate {rate!r} is a bool; allowed: a number with 0 < keep_rate <= 1")
+    if not isinstance(rate, (int, float)) or not (0 < rate <= 1):
+        raise InvalidArgumentError(f"keep_rate {rate!r} is outside (0, 1]; allowed: 0 < keep_rate <= 1")
+
+
 def _validate_r(r, locs: tuple[int, ...]) -> tuple[int, ...]:
-    rs = (r,) * len(locs) if isinstance(r, int) and not isinstance(r, bool) else tuple(r)
-    if len(rs) != len(locs):
-        raise InvalidArgumentError(f"r has {len(rs)} values but there are {len(locs)} locations {list(locs)}")
+    if isinstance(r, (str, bytes)) or not hasattr(r, "__iter__"):
+        _check_r(r)  # also with no locations
+        rs = (r,) * len(locs)
+    else:
+        rs = tuple(r)
+        if len(rs) != len(locs):
+            raise InvalidArgumentError(f"r has {len(rs)} values but there are {len(locs)} locations {list(locs)}")
     for value in rs:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidArgumentError(f"ToMe's r must be an integer >= 0, got {value!r}")
+        _check_r(value)
     return rs
+
+
+def _check_r(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(f"ToMe's r must be an integer >= 0 (or one per location), got {value!r}")

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from tpsvit.core.methods import keep_count
 from tpsvit.core.squeeze import full_precision
+from tpsvit.errors import InvalidArgumentError
 
 
 def split_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,7 +87,7 @@ class TokenPredictor(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         if dim < 4:
-            raise ValueError(f"the token predictor needs an embedding dim >= 4, got {dim}")
+            raise InvalidArgumentError(f"the token predictor needs an embedding dim >= 4, got {dim}")
         self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.head = nn.Sequential(
             nn.Linear(dim, dim // 2), nn.GELU(),
@@ -148,7 +149,9 @@ def top_k_mask(scores: Tensor, alive: Tensor, keep_rate: float) -> Tensor:
     """Masked-path decisions without sampling: per image, keep ceil(rate * alive) of the alive tokens by score."""
     counts = alive.sum(dim=1)
     if not bool((counts == counts[0]).all()):
-        raise ValueError("top-k decisions on the masked path need the same number of alive tokens in every image")
+        raise InvalidArgumentError(
+            "top-k decisions on the masked path need the same number of alive tokens in every image"
+        )
     k = keep_count(int(counts[0].item()), keep_rate)
     ranked = scores.float().masked_fill(alive <= 0, float("-inf"))
     keep_idx, _ = top_k_split(ranked, k)

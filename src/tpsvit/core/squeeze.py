@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tpsvit.errors import InvalidArgumentError
+
 NORM_EPS = 1e-6
 
 
@@ -97,7 +99,7 @@ def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature:
         restricted to kept tokens, a token never hosts itself, and tokens pruned earlier take no part.
     """
     if tokens.dim() != 3 or keep.shape != tokens.shape[:2] or prev_keep.shape != tokens.shape[:2]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"squeeze_masked expects tokens (B, N, C) and masks (B, N); got {tuple(tokens.shape)}, "
             f"{tuple(keep.shape)}, {tuple(prev_keep.shape)}"
         )
@@ -115,15 +117,15 @@ def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature:
 
 def _check_pair(reserved: Tensor, pruned: Tensor, temperature: float) -> None:
     if reserved.dim() != 3 or pruned.dim() != 3:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"squeeze expects reserved (B, Nr, C) and pruned (B, Np, C); got {tuple(reserved.shape)} "
             f"and {tuple(pruned.shape)}"
         )
     if reserved.shape[0] != pruned.shape[0] or reserved.shape[2] != pruned.shape[2]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"reserved {tuple(reserved.shape)} and pruned {tuple(pruned.shape)} must share batch and channel sizes"
         )
     if reserved.shape[1] == 0 and pruned.shape[1] > 0:
-        raise ValueError("squeeze needs at least one reserved token to host the pruned ones")
+        raise InvalidArgumentError("squeeze needs at least one reserved token to host the pruned ones")
     if not (temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise InvalidArgumentError(f"temperature must be > 0, got {temperature!r}")

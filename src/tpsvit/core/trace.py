@@ -76,9 +76,11 @@ class Trace:
 
     def _check_usable(self) -> None:
         if not self.recorded and not self.locations:
-            raise ValueError("the trace is empty: run a forward pass of the patched model inside tpsvit.tracing()")
+            raise InvalidArgumentError(
+                "the trace is empty: run a forward pass of the patched model inside tpsvit.tracing()"
+            )
         if self.masked:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"this trace comes from the masked training path ({self.method} in model.train()), where tokens are "
                 "masked, not removed; trace in model.eval()"
             )
@@ -90,7 +92,9 @@ class Trace:
         """
         self._check_usable()
         if not self.locations:
-            raise ValueError("nothing was reduced in the traced pass (keep rate 1?), so there is no assignment")
+            raise InvalidArgumentError(
+                "nothing was reduced in the traced pass (keep rate 1?), so there is no assignment"
+            )
         steps = self.locations if upto is None else self.locations[:upto]
         first = self.locations[0]
         assign = torch.arange(self.num_patches, device=first.kept.device).expand(first.kept.shape[0], -1)
@@ -151,7 +155,7 @@ def restore(tokens: Tensor, trace: Trace, upto: int | None = None, mode: str = "
         return prefix, patches
     expected = steps[-1].num_out
     if patches.shape[1] != expected:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"tokens hold {patches.shape[1]} patch tokens but the trace has {expected} after location "
             f"{len(steps)}; pass the tokens of the same forward pass that was traced"
         )

@@ -65,6 +65,16 @@ class Family:
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         return tuple(int(g) for g in grid) if grid is not None else None
 
+    def input_grid(self, model: nn.Module, height: int, width: int) -> tuple[int, int] | None:
+        """The patch grid of a ``height`` x ``width`` input (models that accept other sizes than their own: timm's
+        ``dynamic_img_size``, DINOv2's interpolated position embeddings); from the patch projection's stride."""
+        stride = getattr(self.patch_projection(model), "stride", None)
+        if stride is None:
+            return self.grid_size(model)
+        if getattr(getattr(model, "patch_embed", None), "dynamic_img_pad", False):  # timm pads up to whole patches
+            return -(-height // int(stride[0])), -(-width // int(stride[1]))
+        return height // int(stride[0]), width // int(stride[1])
+
     def input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
         """(channels, height, width) of the images the model was built for; None when it cannot tell."""
         embed = getattr(model, "patch_embed", None)

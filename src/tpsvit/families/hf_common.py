@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from tpsvit.core.attention import masked_softmax_attention
 from tpsvit.core.trace import Trace, restore
-from tpsvit.errors import UnsupportedModelError
+from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
 from tpsvit.families.base import PREDICTORS, Family, PatchedModel
 from tpsvit.families.registry import FAMILIES, register_refusal
 
@@ -77,8 +77,8 @@ def _mask_for(attention_mask: Tensor | None, tokens: int) -> Tensor | None:
         return attention_mask
     if torch.compiler.is_compiling():
         return None
-    raise ValueError(f"an attention_mask for {attention_mask.shape[-1]} tokens cannot apply after tpsvit reduced "
-                     f"them to {tokens}; run the patched model without attention_mask")
+    raise InvalidArgumentError(f"an attention_mask for {attention_mask.shape[-1]} tokens cannot apply after tpsvit "
+                               f"reduced them to {tokens}; run the patched model without attention_mask")
 
 
 _TUPLE: dict[type, bool] = {}
@@ -139,11 +139,12 @@ class _HFModel(PatchedModel):
 
     def forward(self, *args, **kwargs):
         runtime = self._tps_runtime
-        runtime.begin(self)
-        if runtime.state.masked:
-            refusal = masked_path_refusal(self, runtime.config.method)
+        runtime.begin(self, kwargs.get("pixel_values", args[0] if args else None))
+        config = runtime.config
+        if runtime.state.masked and any(rate < 1 for rate in config.keep_rate or ()):  # keep 1 masks nothing
+            refusal = masked_path_refusal(self, config.method)
             if refusal is not None:
-                raise ValueError(refusal)
+                raise InvalidArgumentError(refusal)
         return super().forward(*args, **kwargs)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tpsvit.errors import UnsupportedModelError
+from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
 from tpsvit.families.base import PatchedModel
 
 
@@ -13,11 +13,11 @@ class TimmModel(PatchedModel):
     ``model.tps``; pools only the kept tokens on the masked path."""
 
     def forward_features(self, *args, **kwargs):
-        self._tps_runtime.begin(self)
+        self._tps_runtime.begin(self, args[0] if args else kwargs.get("x"))
         return super().forward_features(*args, **kwargs)
 
     def forward_intermediates(self, *args, **kwargs):
-        self._tps_runtime.begin(self)
+        self._tps_runtime.begin(self, args[0] if args else kwargs.get("x"))
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
@@ -27,7 +27,9 @@ class TimmModel(PatchedModel):
             keep = state.policy[:, self.num_prefix_tokens :, None].to(x.dtype)
             return (x[:, self.num_prefix_tokens :] * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
         if state is not None and state.policy is not None and pool_type not in ("token", "avg", ""):
-            raise ValueError(f"pooling {pool_type!r} is not supported on the masked training path; use token or avg")
+            raise InvalidArgumentError(
+                f"pooling {pool_type!r} is not supported on the masked training path; use token or avg"
+            )
         return super().pool(x, pool_type)
 
 

@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tpsvit.errors import InvalidArgumentError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; the file gets the usual permissions."""
@@ -23,4 +25,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def check_writable(path: str | os.PathLike, example: str = "results.json") -> Path:
+    """``path`` as a Path; :class:`InvalidArgumentError` when it is a folder or its folder cannot be written.
+
+    Missing folders count as writable when the first existing folder above them is (writers create them).
+    ``example`` is the file name suggested when ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidArgumentError(f"{str(path)!r} is a directory; give a file name such as {example}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"cannot write {str(path)!r}: folder {str(parent)!r} is not writable")
     return path

@@ -33,6 +33,7 @@ from torch import nn
 
 from tpsvit.errors import ExportError, InvalidArgumentError, MissingDependencyError
 from tpsvit.families import logits_of
+from tpsvit.io.atomic import check_writable as writable
 
 INSTALL_HINT = "pip install 'tps-vit[export]'  (or: pip install onnx onnxruntime onnxscript)"
 DEFAULT_ATOL = 1e-3
@@ -73,13 +74,7 @@ def onnx_metadata(model: nn.Module, model_name: str | None = None, extra: dict |
 
 def check_writable(path: Path) -> None:
     """Raise :class:`InvalidArgumentError` when ``path`` is a folder or its folder cannot be written."""
-    if path.is_dir():
-        raise InvalidArgumentError(f"{str(path)!r} is a directory; give a file name such as model.onnx")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent  # atomic_write creates missing folders: the first existing one must be writable
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(f"cannot write {str(path)!r}: folder {str(parent)!r} is not writable")
+    writable(path, example="model.onnx")
 
 
 def _check_count(name: str, value, least: int = 1) -> int:

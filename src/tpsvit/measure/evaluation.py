@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tpsvit.data.datasets import resize_and_expand
 from tpsvit.errors import DatasetError, InvalidArgumentError, TPSError
 from tpsvit.families import logits_of
+from tpsvit.io.atomic import check_writable
 from tpsvit.measure.bench import _amp_dtype, _device, device_scope, device_sync, input_size
 
 
@@ -177,10 +178,21 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str, str]
     return "\n".join(lines)
 
 
+def _output_file(path: str | Path, example: str) -> Path:
+    """``path`` checked (not a folder, its folder writable) and its missing folders created."""
+    path = check_writable(path, example)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
+    return path
+
+
 def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
-    """Rows of dicts as CSV (columns: the union of keys, in first-seen order; lists joined by spaces)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Rows of dicts as CSV (columns: the union of keys, in first-seen order; lists joined by spaces).
+
+    A folder, or a path whose folder cannot be written, is an :class:`InvalidArgumentError` naming it."""
+    path = _output_file(path, "results.csv")
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
@@ -193,9 +205,8 @@ def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
 
 
 def write_json(obj, path: str | Path) -> Path:
-    """JSON with indentation (NaN written as null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """JSON with indentation (NaN written as null); bad paths as :func:`write_csv`."""
+    path = _output_file(path, "results.json")
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -220,8 +231,7 @@ def plot_accuracy_vs_gmacs(rows: Sequence[Mapping], path: str | Path, title: str
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _output_file(path, "accuracy_vs_gmacs.png")
     fig = Figure(figsize=(6.4, 4.6), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -274,6 +274,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.locations = list(cfg.locations)
     if isinstance(cfg.keep_rate, tuple):
         cfg.keep_rate = list(cfg.keep_rate)
+    for rate in cfg.keep_rate if isinstance(cfg.keep_rate, list) else [cfg.keep_rate]:
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1):
+            raise InvalidArgumentError(f"keep_rate {rate!r} is outside (0, 1]; allowed: 0 < keep_rate <= 1, one value "
+                                       "or one per location")
     if isinstance(cfg.betas, tuple):
         cfg.betas = list(cfg.betas)
     if (not isinstance(cfg.betas, list) or len(cfg.betas) != 2

@@ -83,6 +83,8 @@ class SetupMixin:
                   f"ranking loss {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f}", file=sys.stderr)
 
     def _resume_state(self, cfg: TrainConfig) -> dict | None:
+        if self.out.exists() and not self.out.is_dir():
+            raise InvalidArgumentError(f"--out {str(self.out)!r} is a file; give a folder for the run's checkpoints")
         if cfg.resume:
             state = load_state(cfg.out)
             if state is None:
