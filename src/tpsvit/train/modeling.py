@@ -155,8 +155,21 @@ def _solve_budget(cfg, model) -> dict:
     img_size = cfg.img_size
     if cfg.method == "tome" and cfg.r is not None:
         return {"keep_rate": 1.0, "r": solve_tome_r(model, budget=cfg.budget, img_size=img_size)}
-    rate = solve_keep_rate(model, cfg.method, budget=cfg.budget, locations=tuple(cfg.locations), img_size=img_size)
+    rate = solve_keep_rate(model, cfg.method, budget=cfg.budget, locations=tuple(cfg.locations), img_size=img_size,
+                           options=squeeze_options(cfg))
     return {"keep_rate": rate, "r": None}
+
+
+def squeeze_options(cfg) -> dict:
+    """The config's squeeze keywords of :func:`tpsvit.patch` that differ from the paper's ({} when none do)."""
+    out = {"temperature": cfg.temperature} if cfg.temperature != 1.0 else {}
+    if cfg.squeeze_floor is not None:
+        out.update(squeeze_floor=cfg.squeeze_floor, squeeze_floor_action=cfg.squeeze_floor_action)
+    elif cfg.squeeze_floor_action != "drop":
+        out["squeeze_floor_action"] = cfg.squeeze_floor_action  # refused by patch with the reason
+    if cfg.squeeze_weighting != "similarity":
+        out["squeeze_weighting"] = cfg.squeeze_weighting
+    return out
 
 
 def apply_method(model: nn.Module, cfg) -> nn.Module:
@@ -166,7 +179,8 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
     amount = _solve_budget(cfg, model) if cfg.budget is not None else {"keep_rate": cfg.keep_rate, "r": cfg.r}
     if cfg.keep_rate_anneal_epochs and amount["r"] is not None:
         raise InvalidArgumentError("keep_rate_anneal_epochs works with keep_rate, not with ToMe's r")
-    return tpsvit.patch(model, cfg.method, locations=tuple(cfg.locations), scorer=cfg.scorer, **amount)
+    return tpsvit.patch(model, cfg.method, locations=tuple(cfg.locations), scorer=cfg.scorer, **amount,
+                        **squeeze_options(cfg))
 
 
 def _teacher(cfg, start: nn.Module, trained: bool, notes: list) -> nn.Module | None:
