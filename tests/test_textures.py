@@ -149,3 +149,27 @@ def test_recipes_and_shipped_checkpoints(system_files):
             start_checkpoint(tune)
     with pytest.raises(InvalidArgumentError, match="shipped:fashion-mnist-textures"):
         start_checkpoint(resolve("textures-scratch", {"checkpoint": "shipped:mnist"}))
+
+
+def test_demo_and_eval_pick_the_shipped_textures_model(tmp_path, capsys):
+    """--data fashion-mnist-textures selects its own shipped base model (skipped until it is shipped)."""
+    import csv
+
+    from tpsvit.cli import main
+    from tpsvit.io.assets import ASSETS, DEMO_MODELS
+
+    shipped = ASSETS / DEMO_MODELS["fashion-mnist-textures"].base
+    if not shipped.is_file():
+        pytest.skip("the textures base model is not shipped yet")
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=4, n_test=24)
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", "fashion-mnist-textures", "--data-dir", str(data), "--methods", "etps", "dtps",
+                 "--budgets", "0.5", "--out", str(out), "--no-progress", "--batch-size", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "no shipped fine-tune of dtps for fashion-mnist-textures: left out" in captured.err
+    assert "deit_mini_patch8_56 on fashion-mnist-textures test (24 images)" in captured.out
+    with open(out / "results.csv") as handle:
+        assert [r["name"] for r in csv.DictReader(handle)] == ["unpatched", "etps"]
+    from tpsvit.commands.evaluate import _shipped_data
+
+    assert _shipped_data("textures") == "fashion-mnist-textures" and _shipped_data(None) == "fashion-mnist-cluttered"
