@@ -210,3 +210,11 @@ def test_training_recipe_keys_reach_the_patch_and_the_checkpoint(tmp_path):
         resolve("fmnist-finetune", {"squeeze_floor": 2})
     with pytest.raises(InvalidArgumentError, match="squeeze_weighting"):
         resolve("fmnist-finetune", {"squeeze_weighting": "score"})
+
+
+def test_options_compile_fullgraph(images):
+    model = tpsvit.patch(tiny_vit(), "etps", keep_rate=0.5, locations=(1, 3), squeeze_floor=0.3,
+                         squeeze_floor_action="fuse", squeeze_weighting="importance")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break is an error
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), atol=1e-5, rtol=1e-5)
