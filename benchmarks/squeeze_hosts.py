@@ -6,6 +6,7 @@ like the garment's own tokens. This counts, for the shipped base model patched w
 8x8 patch covers) and what their hosts are, on training images composed with a fixed seed (never the test set).
 
     python benchmarks/squeeze_hosts.py [--budget 0.5] [--images 2048] [--threads 1] [--json PATH]
+    python benchmarks/squeeze_hosts.py --data fashion-mnist-textures   # clutter from procedural textures instead
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import sys
 import torch
 
 import tpsvit
-from tpsvit.data.cluttered import ClutterSpec, token_kinds
-from tpsvit.data.datasets import FashionMNIST, normalize_uint8
+from tpsvit.data.cluttered import token_kinds
+from tpsvit.data.datasets import FashionMNIST, embedded_dataset, normalize_uint8
 from tpsvit.io.assets import demo_checkpoint
 from tpsvit.io.loading import load_model
 from tpsvit.measure.budget import solve_keep_rate
@@ -33,12 +34,16 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2048, help="training images (the first ones)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="save the census here")
+    p.add_argument("--data", choices=["fashion-mnist-cluttered", "fashion-mnist-textures"],
+                   default="fashion-mnist-cluttered", help="the testbed (its shipped base model)")
+    p.add_argument("--checkpoint", help="another base model")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(checkpoint=demo_checkpoint(None, "fashion-mnist-cluttered")).eval()
+    model = load_model(checkpoint=args.checkpoint or demo_checkpoint(None, args.data)).eval()
+    spec = embedded_dataset(args.data).default_spec()
     rate = solve_keep_rate(model, "etps", budget=args.budget, locations=(3, 6, 9))
     tpsvit.patch(model, "etps", keep_rate=rate, locations=(3, 6, 9))
-    images, kinds = token_kinds(FashionMNIST(train=True).images, SEED, ClutterSpec(), args.images)
+    images, kinds = token_kinds(FashionMNIST(train=True).images, SEED, spec, args.images)
     counts = torch.zeros(3, 3, dtype=torch.long)  # pruned kind x host kind
     kept = torch.zeros(3, dtype=torch.long)
     with torch.inference_mode(), tpsvit.tracing(model) as trace:
@@ -51,11 +56,11 @@ def main(argv=None) -> int:
             counts += torch.bincount(pruned_kind.flatten() * 3 + host_kind.flatten(), minlength=9).reshape(3, 3)
             kept += torch.bincount(entering.gather(1, step.kept).flatten(), minlength=3)
     entering_total = torch.bincount(kinds.flatten(), minlength=3)
-    print(f"etps keep {rate:.3f} at blocks 3/6/9 ({args.budget:.0%} of the GMACs), shipped cluttered base model, "
+    print(f"etps keep {rate:.3f} at blocks 3/6/9 ({args.budget:.0%} of the GMACs), {args.data} base model, "
           f"first {args.images} training images (composed with seed {SEED}), block 3, {args.threads} thread(s)")
     print(f"{'tokens':>10} {'entering':>9} {'kept':>7} {'pruned':>7}   hosts of the pruned: " +
           "  ".join(f"{k:>8}" for k in KINDS))
-    report = {"keep_rate": rate, "budget": args.budget, "images": args.images, "rows": {}}
+    report = {"data": args.data, "keep_rate": rate, "budget": args.budget, "images": args.images, "rows": {}}
     for i, kind in enumerate(KINDS):
         pruned = int(counts[i].sum())
         shares = [float(c) / max(pruned, 1) for c in counts[i]]

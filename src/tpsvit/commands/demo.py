@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     apply_threads(args)
     check_writable(Path(args.out) / "results.csv")  # before the evaluation, not after it
+    if args.checkpoint is None:
+        untrained = [m for m in args.methods if METHODS[m].learned and m not in DEMO_MODELS[args.data].finetuned]
+        if untrained:
+            print(f"tpsvit demo: no shipped fine-tune of {', '.join(untrained)} for {args.data}: left out (train one "
+                  f"with `tpsvit train --recipe ...-finetune --method METHOD`)", file=sys.stderr)
+            args.methods = [m for m in args.methods if m not in untrained]
     base, base_meta, tuned, tuned_meta = _models(args)
     dataset = embedded_dataset(args.data)
     images, labels = dataset(root=args.data_dir, train=False).tensors()

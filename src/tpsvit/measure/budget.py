@@ -38,15 +38,16 @@ def model_shape(model, img_size=None) -> ViTShape:
 
 
 def schedule_gmacs(model, method: str | None = None, keep_rate=1.0, locations=DEFAULT_LOCATIONS, r=None,
-                   img_size=None) -> float:
+                   img_size=None, options: dict | None = None) -> float:
     """Analytic GMACs of ``model`` (model, timm name or ViTShape) under a patch, without patching anything.
 
-    ``method=None`` gives the unpatched cost. Arguments are those of :func:`tpsvit.patch`.
+    ``method=None`` gives the unpatched cost. Arguments are those of :func:`tpsvit.patch`; ``options`` holds its
+    other keywords (``squeeze_floor_action="fuse"`` adds a token per location, for example).
     """
     shape = model_shape(model, img_size)
     if method is None:
         return total_macs(shape) / 1e9
-    config = make_config(method, shape.depth, shape.num_prefix_tokens, keep_rate, locations, r)
+    config = make_config(method, shape.depth, shape.num_prefix_tokens, keep_rate, locations, r, **(options or {}))
     return total_macs(shape, config) / 1e9
 
 
@@ -71,7 +72,7 @@ def _unreachable(method: str, target: float, smallest: float, full: float, how: 
 
 
 def solve_keep_rate(model, method: str, budget: float | None = None, gmacs: float | None = None,
-                    locations: Sequence[int] = DEFAULT_LOCATIONS, img_size=None) -> float:
+                    locations: Sequence[int] = DEFAULT_LOCATIONS, img_size=None, options: dict | None = None) -> float:
     """The keep rate (the same at every location, the paper's schedule) for ``method`` that meets a budget.
 
     Returns the rate whose analytic GMACs is the **largest not exceeding** the target (never above it), written
@@ -79,7 +80,8 @@ def solve_keep_rate(model, method: str, budget: float | None = None, gmacs: floa
     model already fits. ``model`` is a timm ViT, its timm name or a ViTShape.
 
     Raises InvalidArgumentError naming the smallest reachable GMACs when even keeping one patch token per location
-    costs more than the target.
+    costs more than the target. ``options``: further keywords of :func:`tpsvit.patch` that change the token counts
+    (the squeeze options).
     """
     get_method(method)
     shape = model_shape(model, img_size)
@@ -87,10 +89,10 @@ def solve_keep_rate(model, method: str, budget: float | None = None, gmacs: floa
     locations = tuple(locations)
 
     def cost(rate: float) -> float:
-        return schedule_gmacs(shape, method, rate, locations)
+        return schedule_gmacs(shape, method, rate, locations, options=options)
 
     def schedule(rate: float):
-        config = make_config(method, shape.depth, shape.num_prefix_tokens, rate, locations)
+        config = make_config(method, shape.depth, shape.num_prefix_tokens, rate, locations, **(options or {}))
         return config.patch_tokens_per_block(shape.num_patches)
 
     if cost(1.0) <= target:
@@ -138,7 +140,8 @@ class Variant:
     """One row of a comparison: the unpatched model (``method=None``) or one patch.
 
     ``locations=None`` with ``r`` set means ToMe's r in every block. ``budget`` records the budget it was solved for.
-    ``scorer="random"`` replaces the method's scorer by random scores (robustness rows).
+    ``scorer="random"`` replaces the method's scorer by random scores (robustness rows). ``options``: further
+    keywords of :func:`tpsvit.patch` as (name, value) pairs (the squeeze options of etps / dtps).
     """
 
     method: str | None = None
@@ -147,6 +150,7 @@ class Variant:
     locations: tuple[int, ...] | None = DEFAULT_LOCATIONS
     budget: str | None = None
     scorer: str = "default"
+    options: tuple = ()
 
     @property
     def label(self) -> str:
@@ -157,7 +161,8 @@ class Variant:
         where = "" if self.locations in (None, DEFAULT_LOCATIONS) else f" @{','.join(map(str, self.locations))}"
         budget = f" [{self.budget}]" if self.budget else ""
         scorer = " (random scores)" if self.scorer != "default" else ""
-        return f"{self.method}{scorer} {amount}{where}{budget}"
+        options = "".join(f" {k}={v}" for k, v in self.options)
+        return f"{self.method}{scorer}{options} {amount}{where}{budget}"
 
     @property
     def amount(self) -> str:
@@ -182,6 +187,7 @@ class Variant:
         kwargs = {"method": self.method}
         if self.scorer != "default":
             kwargs["scorer"] = self.scorer
+        kwargs.update(self.options)
         if self.r is not None:
             kwargs["r"] = self.r
             kwargs["locations"] = self.locations if self.locations is not None else DEFAULT_LOCATIONS
@@ -203,20 +209,26 @@ class Variant:
         rate = list(self.keep_rate) if isinstance(self.keep_rate, tuple) else self.keep_rate
         return {"label": self.label, "method": self.method, "keep_rate": rate, "r": self.r,
                 "locations": None if self.locations is None else list(self.locations), "blocks": self.blocks,
-                "budget": self.budget, "scorer": self.scorer}
+                "budget": self.budget, "scorer": self.scorer, "options": dict(self.options)}
 
 
 def plan_variants(model, methods: Sequence[str] = ("etps",), keep_rates: Sequence[float] = (0.7,),
                   rs: Sequence[int] = (), locations: Sequence[int] = DEFAULT_LOCATIONS, budget: float | None = None,
-                  gmacs: float | None = None, img_size=None, unpatched: bool = True) -> list[Variant]:
+                  gmacs: float | None = None, img_size=None, unpatched: bool = True,
+                  options: dict | None = None) -> list[Variant]:
     """The rows of a comparison: unpatched, then every method x keep rate, ToMe at each r, and each method at the
-    budget (keep rate solved at ``locations``; ToMe's r solved for every block)."""
+    budget (keep rate solved at ``locations``; ToMe's r solved for every block). ``options`` (the squeeze options
+    of :func:`tpsvit.patch`) go to the squeezing methods' rows (etps, dtps) and into their budget solve."""
     locations = tuple(locations)
     methods = [get_method(m).name for m in methods]
+    if options and not any(get_method(m).reducer == "squeeze" for m in methods):
+        raise InvalidArgumentError(f"the squeeze options {', '.join(options)} are for etps / dtps; add one of them "
+                                   "to the methods")
     rows = [Variant()] if unpatched else []
     for method in methods:
+        own = tuple(options.items()) if options and get_method(method).reducer == "squeeze" else ()
         rows += [Variant(method, keep_rate=tuple(map(float, rate)) if isinstance(rate, (tuple, list)) else float(rate),
-                         locations=locations) for rate in keep_rates]
+                         locations=locations, options=own) for rate in keep_rates]
         if method == "tome":
             rows += [Variant("tome", r=int(r), locations=None) for r in rs]
     if rs and "tome" not in methods:
@@ -227,6 +239,7 @@ def plan_variants(model, methods: Sequence[str] = ("etps",), keep_rates: Sequenc
             if method == "tome":
                 rows.append(Variant("tome", r=solve_tome_r(model, budget, gmacs, img_size), locations=None, budget=tag))
             else:
-                rate = solve_keep_rate(model, method, budget, gmacs, locations, img_size)
-                rows.append(Variant(method, keep_rate=rate, locations=locations, budget=tag))
+                own = tuple(options.items()) if options and get_method(method).reducer == "squeeze" else ()
+                rate = solve_keep_rate(model, method, budget, gmacs, locations, img_size, options=dict(own))
+                rows.append(Variant(method, keep_rate=rate, locations=locations, budget=tag, options=own))
     return rows
