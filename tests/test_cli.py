@@ -66,3 +66,34 @@ def test_train_help_states_the_recipe_defaults(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--epochs N default: from the recipe; imagenet-dtps: 30" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "viz", "flops", "export", "bench", "demo", "train"])
+def test_every_command_that_runs_a_model_takes_threads(command, capsys):
+    from tpsvit.cli import main
+    from tpsvit.commands.options import THREADS_HELP
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and "--threads N" in out and " ".join(THREADS_HELP.split()) in out
+
+
+def test_threads_sets_torchs_cpu_threads_and_refuses_zero():
+    import argparse
+
+    import torch
+
+    from tpsvit.commands.options import apply_threads
+    from tpsvit.errors import InvalidArgumentError
+
+    before = torch.get_num_threads()
+    try:
+        apply_threads(argparse.Namespace(threads=2))
+        assert torch.get_num_threads() == 2
+        apply_threads(argparse.Namespace(threads=None))  # not given: left alone
+        assert torch.get_num_threads() == 2
+        with pytest.raises(InvalidArgumentError, match="--threads 0"):
+            apply_threads(argparse.Namespace(threads=0))
+    finally:
+        torch.set_num_threads(before)

@@ -9,7 +9,7 @@ import math
 import torch
 import zoo
 from draws import valid_patches
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import tpsvit
@@ -26,6 +26,7 @@ def expected_step(method: str, n: int, keep_rate: float | None, r: int | None) -
     return kept, kept + (1 if method == "evit" and kept < n else 0)
 
 
+@settings(max_examples=2 * settings().max_examples)
 @given(valid_patches(), st.integers(1, 4), st.data())
 @example(("vit_16px", "etps", {"locations": [0, 1, 2, 3], "keep_rate": 0.01}), 1, None)  # one token from block 0 on
 @example(("vit_16px", "evit", {"locations": [0, 1, 2, 3], "keep_rate": 0.01}), 2, None)
