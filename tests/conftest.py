@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import timm
 import torch
+from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(1)  # 2 threads thrash on a shared 2-core machine
+
+
+# Hypothesis profiles of the property tests (tests/properties). ``ci`` (the default): derandomized (the same examples
+# on every run and machine), a bounded number of examples, no deadline (a shared CPU is slow at times). ``dev``: many
+# more examples with fresh randomness: ``HYPOTHESIS_PROFILE=dev python -m pytest tests/properties``. They live here,
+# not in a tests/properties/conftest.py, because a second module named ``conftest`` would shadow this one's helpers.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               print_blob=True)
+settings.register_profile("ci", max_examples=30, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", max_examples=600, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def tiny_vit(**overrides):

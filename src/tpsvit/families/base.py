@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from tpsvit.core.config import TPSConfig
-from tpsvit.errors import UnsupportedModelError
+from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
 
 PREDICTORS = "tps_predictors"  # state_dict prefix of the learned predictors (dTPS, DynamicViT)
 
@@ -74,6 +74,27 @@ class Family:
         if getattr(getattr(model, "patch_embed", None), "dynamic_img_pad", False):  # timm pads up to whole patches
             return -(-height // int(stride[0])), -(-width // int(stride[1]))
         return height // int(stride[0]), width // int(stride[1])
+
+    def check_images(self, model: nn.Module, images, interpolate: bool = False) -> None:
+        """Raise :class:`InvalidArgumentError` naming the size when the model cannot take ``images`` (B, C, H, W)
+        (timm's rules: its own size when ``strict_img_size``, else whole patches unless it pads); ``interpolate``:
+        the call asked for interpolated position embeddings (Hugging Face)."""
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            return
+        chans, height, width = images.shape[1:]
+        own = self.input_size(model)
+        if own is not None and chans != own[0]:
+            raise InvalidArgumentError(f"images with {chans} channels; {model_name(model)} takes {own[0]}")
+        embed = getattr(model, "patch_embed", None)
+        if own is None or embed is None or getattr(embed, "img_size", None) is None:
+            return
+        if getattr(embed, "strict_img_size", False) and (height, width) != own[1:]:
+            raise InvalidArgumentError(f"images of {height}x{width} pixels; {model_name(model)} takes "
+                                       f"{own[1]}x{own[2]} only (build it with dynamic_img_size=True for others)")
+        patch = tuple(int(p) for p in embed.patch_size)
+        if not getattr(embed, "dynamic_img_pad", False) and (height % patch[0] or width % patch[1]):
+            raise InvalidArgumentError(f"images of {height}x{width} pixels; {model_name(model)} takes sides "
+                                       f"that are multiples of its {patch[0]}x{patch[1]} patches")
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
         """(channels, height, width) of the images the model was built for; None when it cannot tell."""
@@ -166,3 +187,6 @@ def logits_of(output) -> Tensor:
     return logits
 
 
+def model_name(model: nn.Module) -> str:
+    """The class name of the model as its library calls it (a patched model's own class is a tpsvit subclass)."""
+    return next(c for c in type(model).__mro__ if not issubclass(c, PatchedModel) and issubclass(c, nn.Module)).__name__

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tpsvit.core.attention import masked_softmax_attention
 from tpsvit.core.trace import Trace, restore
 from tpsvit.errors import InvalidArgumentError, UnsupportedModelError
-from tpsvit.families.base import PREDICTORS, Family, PatchedModel
+from tpsvit.families.base import PREDICTORS, Family, PatchedModel, model_name
 from tpsvit.families.registry import FAMILIES, register_refusal
 
 
@@ -139,12 +139,14 @@ class _HFModel(PatchedModel):
 
     def forward(self, *args, **kwargs):
         runtime = self._tps_runtime
-        runtime.begin(self, kwargs.get("pixel_values", args[0] if args else None))
+        images = kwargs.get("pixel_values", args[0] if args else None)
+        runtime.begin(self, images)
         config = runtime.config
         if runtime.state.masked and any(rate < 1 for rate in config.keep_rate or ()):  # keep 1 masks nothing
             refusal = masked_path_refusal(self, config.method)
             if refusal is not None:
                 raise InvalidArgumentError(refusal)
+        runtime.family.check_images(self, images, interpolate=bool(kwargs.get("interpolate_pos_encoding")))
         return super().forward(*args, **kwargs)
 
 
@@ -321,6 +323,19 @@ class HFFamily(Family):
         size = (size, size) if isinstance(size, int) else tuple(size)
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
         return (int(size[0]) // int(patch[0]), int(size[1]) // int(patch[1]))
+
+    any_image_size = False  # DINOv2 interpolates its position embeddings for every input size
+
+    def check_images(self, model, images, interpolate: bool = False) -> None:
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            return
+        own = self.input_size(model)
+        if images.shape[1] != own[0]:
+            raise InvalidArgumentError(f"images with {images.shape[1]} channels; {model_name(model)} takes {own[0]}")
+        if not (interpolate or self.any_image_size) and tuple(images.shape[2:]) != own[1:]:
+            raise InvalidArgumentError(f"images of {images.shape[2]}x{images.shape[3]} pixels; "
+                                       f"{model_name(model)} takes {own[1]}x{own[2]} (or pass "
+                                       f"interpolate_pos_encoding=True)")
 
     def input_size(self, model):
         config = self._config(model)

@@ -14,6 +14,7 @@ class HFDinov2Family(HFFamily):
     )
     layers = ("Dinov2Layer", "Dinov2WithRegistersLayer")
     norm1, norm2 = "norm1", "norm2"
+    any_image_size = True
 
     def attention_residual(self, block, y):
         return block.drop_path(block.layer_scale1(y))

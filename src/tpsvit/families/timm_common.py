@@ -12,12 +12,17 @@ class TimmModel(PatchedModel):
     """Mixed into the model (timm ``VisionTransformer`` or ``Eva``): starts a fresh forward state per pass; exposes
     ``model.tps``; pools only the kept tokens on the masked path."""
 
+    def _begin(self, args, kwargs) -> None:
+        images = args[0] if args else kwargs.get("x")
+        self._tps_runtime.family.check_images(self, images)
+        self._tps_runtime.begin(self, images)
+
     def forward_features(self, *args, **kwargs):
-        self._tps_runtime.begin(self, args[0] if args else kwargs.get("x"))
+        self._begin(args, kwargs)
         return super().forward_features(*args, **kwargs)
 
     def forward_intermediates(self, *args, **kwargs):
-        self._tps_runtime.begin(self, args[0] if args else kwargs.get("x"))
+        self._begin(args, kwargs)
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
