@@ -6,8 +6,9 @@ canvases gets one question, the kind cycling garment / side / height with the im
 Each method of :mod:`tpsvit.vlm` keeps N = 37, 25, 12, 5 of the 49 visual tokens (~75/50/25/11%; ``prumerge`` picks
 its own count, N is its cap); per seed and configuration: answer accuracy (the first generated token is the answer
 word), per question kind, first-token agreement with the full model and KL(full || reduced) of the first token's
-distribution. The two seeds are the toy VLM's training seeds; ``random`` draws its tokens from torch's global
-generator seeded with the same number before each configuration.
+distribution; tps and visionzip also with ``positions="compact"`` (the shortened sequence renumbered, as VisionZip's
+release does) at N = 12 and 5. The two seeds are the toy VLM's training seeds; ``random`` draws its tokens from
+torch's global generator seeded with the same number before each configuration.
 
     python benchmarks/vlm_fidelity.py --threads 1 --json benchmarks/results/vlm_fidelity.json \
         --plot docs/images/vlm_fidelity.png
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 KEEP_TOKENS = (37, 25, 12, 5)
 KEEP_RATES = (0.75, 0.5, 0.25, 0.11)
 SEEDS = (0, 1)
+COMPACT, COMPACT_TOKENS = ("tps", "visionzip"), (12, 5)  # also run with the shortened sequence renumbered
 QUESTION = "What is shown in this image?"
 
 
@@ -129,24 +131,27 @@ def run_toy(args, api, log=print) -> dict:
         if (seed, "full", 49) not in have:
             runs.append({"seed": seed, "method": "full", "tokens": 49, "mean_tokens": 49.0, "gmacs": full_gmacs,
                          **toy_scores(full, answers, kinds), **compare(full, full)})
-        for method in methods:
-            for n in args.tokens:
-                if (seed, method, n) in have:
-                    continue
-                start = time.perf_counter()
-                patch(model, method, tokens=n)
-                try:
-                    gmacs = toy_gmacs(model, batches[0])
-                    torch.manual_seed(seed)  # the selection seed of random
-                    logp, counts = first_token_logprobs(model, batches)
-                finally:
-                    unpatch(model)
-                runs.append({"seed": seed, "method": method, "tokens": n, "mean_tokens": statistics.mean(counts),
-                             "gmacs": gmacs, **toy_scores(logp, answers, kinds), **compare(full, logp)})
-                row = runs[-1]
-                log(f"seed {seed} {method:>9} N={n:<3} acc {row['accuracy']:6.2f}  agree {row['agreement']:.4f}  "
-                    f"KL {row['kl']:.4f}  ({time.perf_counter() - start:.0f} s)")
-                _save(args.json, {"tokens": list(args.tokens), "limit": args.limit, "runs": runs})
+        configs = [(m, n, "original") for m in methods for n in args.tokens]
+        configs += [(m, n, "compact") for m in args.compact for n in args.compact_tokens]
+        for method, n, positions in configs:
+            label = method if positions == "original" else f"{method} compact"
+            if (seed, label, n) in have:
+                continue
+            start = time.perf_counter()
+            patch(model, method, tokens=n, positions=positions)
+            try:
+                gmacs = toy_gmacs(model, batches[0])
+                torch.manual_seed(seed)  # the selection seed of random
+                logp, counts = first_token_logprobs(model, batches)
+            finally:
+                unpatch(model)
+            runs.append({"seed": seed, "method": label, "tokens": n, "positions": positions,
+                         "mean_tokens": statistics.mean(counts), "gmacs": gmacs, **toy_scores(logp, answers, kinds),
+                         **compare(full, logp)})
+            row = runs[-1]
+            log(f"seed {seed} {label:>17} N={n:<3} acc {row['accuracy']:6.2f}  agree {row['agreement']:.4f}  "
+                f"KL {row['kl']:.4f}  ({time.perf_counter() - start:.0f} s)")
+            _save(args.json, {"tokens": list(args.tokens), "limit": args.limit, "runs": runs})
     result = {"tokens": list(args.tokens), "limit": args.limit, "runs": runs, "table": toy_table(runs)}
     _save(args.json, result)
     return result
@@ -321,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     toy_args.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds of the toy VLM")
     toy_args.add_argument("--toy-dir", help="folder of toy_vlm_seed{S}.safetensors (default: the shipped ones)")
     toy_args.add_argument("--plot", metavar="PNG", help="accuracy and agreement against tokens kept")
+    toy_args.add_argument("--compact", nargs="*", default=list(COMPACT),
+                          help="methods also run with positions='compact' (default: tps visionzip)")
+    toy_args.add_argument("--compact-tokens", type=int, nargs="+", default=list(COMPACT_TOKENS))
     hf_args = parser.add_argument_group("cached Hugging Face VLM")
     hf_args.add_argument("--model", help="ORG/NAME in the Hugging Face cache, or a saved folder")
     hf_args.add_argument("--images", help="folder of images (with --model)")
@@ -331,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --images go together")
     torch.set_num_threads(args.threads)
     api = vlm_api()
-    unknown = [m for m in args.methods or () if m not in api[2]]
+    unknown = [m for m in [*(args.methods or ()), *args.compact] if m not in api[2]]
     if unknown:
         parser.error(f"methods {unknown} are not in tpsvit.vlm; available: {', '.join(api[2])}")
     start = time.perf_counter()

@@ -72,6 +72,7 @@ def test_fidelity_toy_form_scores_every_method_and_resumes(tmp_path):
     assert full["agreement"] == 1.0 and full["kl"] == 0.0 and full["mean_tokens"] == 49
     assert table[("tps", 5)]["mean_tokens"] == 5 and table[("random", 25)]["mean_tokens"] == 25
     assert table[("prumerge", 5)]["mean_tokens"] <= 5
+    assert table[("visionzip compact", 5)]["mean_tokens"] == 5 and ("tps compact", 25) not in table
     for row in saved["table"]:
         assert 0 <= row["accuracy"] <= 100 and 0 <= row["agreement"] <= 1 and row["kl"] >= 0
     assert png.stat().st_size > 0

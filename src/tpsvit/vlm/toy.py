@@ -181,11 +181,24 @@ def save_toy_vlm(model, path: str | Path, lm: ToyLMConfig, meta: dict | None = N
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
-def load_toy_vlm(path: str | Path):
-    """A trained toy VLM from :func:`save_toy_vlm` (eval mode); the tower is rebuilt from the shipped mini-DeiT."""
+SHIPPED_SEEDS = (0, 1)
+
+
+def shipped_toy_vlm(seed: int = 0) -> Path:
+    """Path of the toy VLM shipped in the package for training seed ``seed`` (0 or 1)."""
+    from tpsvit.io.assets import ASSETS
+
+    if seed not in SHIPPED_SEEDS:
+        raise InvalidArgumentError(f"no shipped toy VLM for seed {seed!r}; shipped seeds: {SHIPPED_SEEDS}")
+    return ASSETS / f"toy_vlm_seed{seed}.safetensors"
+
+
+def load_toy_vlm(path: str | Path | int = 0):
+    """A trained toy VLM (eval mode) from a :func:`save_toy_vlm` file, or the shipped one of a training seed (int);
+    the tower is rebuilt from the shipped mini-DeiT."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = shipped_toy_vlm(path) if isinstance(path, int) else Path(path)
     if not path.is_file():
         raise CheckpointError(f"no toy VLM at {path}; train one with `python -m tpsvit.vlm.toy_train --out DIR`")
     with safe_open(str(path), "pt") as f:
