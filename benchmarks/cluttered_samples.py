@@ -5,6 +5,7 @@ first 4,096 test images: the first chunk of the fixed composition, whose garment
 with the same seed reproduces).
 
     python benchmarks/cluttered_samples.py --out docs/images/cluttered_samples.png
+    python benchmarks/cluttered_samples.py --data fashion-mnist-textures --out docs/images/textures_samples.png
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tpsvit.data.cluttered import TEST_SEED, ClutterSpec, token_kinds  # noqa: E402
-from tpsvit.data.datasets import FASHION_MNIST_CLASSES, ClutteredFashionMNIST, FashionMNIST  # noqa: E402
+from tpsvit.data.datasets import FASHION_MNIST_CLASSES, FashionMNIST, embedded_dataset  # noqa: E402
 
 
-def token_census(count: int = 4096, patch: int = 8) -> dict:
+def token_census(count: int = 4096, patch: int = 8, spec=None) -> dict:
     """Mean tokens per test image touched by the garment, by clutter only, and empty."""
-    _, kinds = token_kinds(FashionMNIST(train=False).images, TEST_SEED, ClutterSpec(), count, patch)
+    _, kinds = token_kinds(FashionMNIST(train=False).images, TEST_SEED, spec or ClutterSpec(), count, patch)
     per_image = [float((kinds == kind).sum(1).float().mean()) for kind in range(3)]
     return {"tokens": kinds.shape[1], "garment": per_image[0], "clutter_only": per_image[1], "empty": per_image[2]}
 
@@ -32,8 +33,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--out", default="docs/images/cluttered_samples.png")
+    p.add_argument("--data", choices=["fashion-mnist-cluttered", "fashion-mnist-textures"],
+                   default="fashion-mnist-cluttered")
     args = p.parse_args(argv)
-    data = ClutteredFashionMNIST(train=False, limit=args.count)
+    data = embedded_dataset(args.data)(train=False, limit=args.count)
     side = data.spec.canvas
     fig, axes = plt.subplots(1, args.count, figsize=(1.6 * args.count, 1.9))
     for ax, image, label in zip(axes, data.images, data.labels, strict=True):
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
-    census = token_census()
+    census = token_census(spec=data.spec)
     print(f"tokens per test image (of {census['tokens']}): garment {census['garment']:.1f}, clutter only "
           f"{census['clutter_only']:.1f}, empty {census['empty']:.1f}")
     return 0

@@ -39,7 +39,8 @@ from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy
 from tpsvit.train import train
 from tpsvit.train.recipe import parse_set, resolve
 
-RECIPES = {"fashion-mnist-cluttered": "cluttered-finetune", "fashion-mnist": "fmnist-finetune"}
+RECIPES = {"fashion-mnist-cluttered": "cluttered-finetune", "fashion-mnist-textures": "textures-finetune",
+           "fashion-mnist": "fmnist-finetune"}
 SCORER_ORDER = ("default", "auto", "random")  # row order within a budget: fixed schedule, best schedule, random
 CALIBRATION = slice(50_000, 60_000)  # training images never used by the fine-tunes (--train-limit <= 50,000)
 COLUMNS = [("method", "method", ""), ("budget", "budget", ""), ("amount", "keep / r", ""), ("blocks", "blocks", ""),

@@ -29,7 +29,7 @@ import torch
 
 import tpsvit
 from tpsvit.data.cluttered import ClutterSpec, token_kinds
-from tpsvit.data.datasets import FashionMNIST, normalize_uint8
+from tpsvit.data.datasets import FashionMNIST, embedded_dataset, normalize_uint8
 from tpsvit.io.assets import DEMO_MODELS, demo_checkpoint
 from tpsvit.io.loading import load_model
 from tpsvit.measure.budget import plan_variants
@@ -41,22 +41,21 @@ KINDS = ("garment", "clutter", "empty", "fused")  # what a removed token is (fus
 DESTINATIONS = ("garment", "clutter", "empty", "fused", "dropped")  # where it went
 METHODS = ("etps", "evit", "dtps", "dynamicvit", "tome")
 SEED = 31337  # training images, composed once with this seed
+DATA = ("fashion-mnist-cluttered", "fashion-mnist-textures")
 
 
 def clutter_spec(data: str) -> ClutterSpec:
     """The generator of a testbed by its dataset name."""
-    if data == "fashion-mnist-cluttered":
-        return ClutterSpec()
-    if data == "fashion-mnist-textures":
-        from tpsvit.data.textures import TextureSpec
-
-        return TextureSpec()
-    raise SystemExit(f"--data {data!r}; allowed: fashion-mnist-cluttered, fashion-mnist-textures")
+    if data not in DATA:
+        raise SystemExit(f"--data {data!r}; allowed: {', '.join(DATA)}")
+    return embedded_dataset(data).default_spec()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="fashion-mnist-cluttered")
+    p.add_argument(
+        "--data", default="fashion-mnist-cluttered", choices=DATA, help="the testbed (its shipped base model)"
+    )
     p.add_argument("--checkpoint", help="the unpatched base model (default: the shipped one for --data)")
     p.add_argument(
         "--checkpoint-for",

@@ -223,13 +223,13 @@ def test_cli_on_fashion_mnist_samples_with_the_recorded_patch(tmp_path, fmnist, 
 
 def test_cli_defaults_to_the_shipped_demo_model(tmp_path, fmnist, grey_checkpoint, monkeypatch):
     assets = pytest.importorskip("tpsvit.io.assets")
-    monkeypatch.setattr(assets, "demo_checkpoint", lambda method=None: grey_checkpoint)
+    monkeypatch.setattr(assets, "demo_checkpoint", lambda method=None, data=None: grey_checkpoint)
     out = tmp_path / "out"
     assert main(["viz", "--data", str(fmnist), "--samples", "1", "--dpi", "40", "--out", str(out)]) == 0
     assert [p.name for p in out.iterdir()] == ["fashion-mnist_test_0_dtps.png"]
 
 
-def _fail_demo(method=None):
+def _fail_demo(method=None, data=None):
     raise tpsvit.CheckpointError("missing")
 
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "train",
     "viz": "viz",
     "export": "export",
+    "calibrate": "calibrate",
 }
 
 

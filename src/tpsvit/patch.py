@@ -58,6 +58,9 @@ def patch(
     scorer: str = "default",
     fuse: str = "sum",
     restore: str = "host",
+    squeeze_floor: float | None = None,
+    squeeze_floor_action: str = "drop",
+    squeeze_weighting: str = "similarity",
 ) -> nn.Module:
     """Patch a timm VisionTransformer or Eva, or a transformers ViT, in place with a token-reduction method; returns
     the model.
@@ -73,7 +76,8 @@ def patch(
         locations: 0-based block indices where tokens are reduced (paper: 3, 6, 9).
         r: ToMe only: tokens merged per location instead of a keep rate; with the default locations, ToMe's usual
             "r in every block".
-        temperature: similarity temperature of the squeeze (etps, dtps).
+        temperature: similarity temperature of the squeeze (etps, dtps): a donor weighs ``exp(cos / temperature)``
+            against its host's ``e``; the paper's is 1.
         scorer: ``"random"`` replaces the method's scorer by random scores (robustness studies);
             ``"attention_received"`` (etps / evit, beyond the paper) scores each patch token by the attention it
             receives, averaged over all queries and heads, instead of the class token's row. It is the default, with
@@ -83,6 +87,15 @@ def patch(
         restore: models that return feature maps on the patch grid (``Dinov2Backbone``): what a removed patch's
             cell holds, ``"host"`` (its host's feature), ``"frozen"`` (its own feature where it left) or ``"zeros"``
             (:func:`tpsvit.restore`). Other models return tokens; call :func:`tpsvit.restore` on them.
+        squeeze_floor: etps / dtps, beyond the paper: a pruned token whose most similar kept token has cosine
+            similarity below this floor (in [-1, 1]) is not squeezed into it; ``None`` (default, the paper) or -1
+            squeezes every pruned token.
+        squeeze_floor_action: beyond the paper: ``"drop"`` (default) discards a token below the floor, ``"fuse"``
+            sums the tokens below the floor, weighted by their importance shares, into one extra token after the
+            kept ones (EViT's rule), at every location.
+        squeeze_weighting: ``"similarity"`` (default, the paper) or ``"importance"`` (beyond the paper: a donor's
+            weight ``exp(cos / temperature)`` is multiplied by ``n * a_i``, its share ``a_i`` of the importance
+            (class attention, predictor keep probability) of the ``n`` tokens alive there).
 
     Re-patching a patched model unpatches it first; learned predictors at locations that stay are kept.
     """
@@ -90,7 +103,8 @@ def patch(
     blocks = family.blocks(model)
     config = make_config(
         method, len(blocks), family.num_prefix_tokens(model), keep_rate, locations, r, temperature, scorer, fuse,
-        class_token=family.has_class_token(model),
+        class_token=family.has_class_token(model), squeeze_floor=squeeze_floor,
+        squeeze_floor_action=squeeze_floor_action, squeeze_weighting=squeeze_weighting,
     )
     grid = family.grid_size(model)
     if config.r is not None and grid is not None and max(config.r) > grid[0] * grid[1] // 2:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tpsvit.core.attention import size_bias
 from tpsvit.core.config import TPSConfig
 from tpsvit.core.methods import CLASS_FREE_SCORER, keep_count, tome_merge_count
-from tpsvit.core.reducers import SCORED_REDUCERS, Reduction, bipartite_merge
+from tpsvit.core.reducers import SCORED_REDUCERS, Reduction, bipartite_merge, scores_are_log_probs
 from tpsvit.core.scoring import (
     attention_received,
     class_attention_qk,
@@ -26,7 +26,7 @@ from tpsvit.core.scoring import (
     top_k_mask,
     top_k_split,
 )
-from tpsvit.core.squeeze import squeeze_masked
+from tpsvit.core.squeeze import importance, importance_log_weight, squeeze_masked
 from tpsvit.core.trace import LocationTrace, Trace
 from tpsvit.families.base import Family
 
@@ -40,9 +40,11 @@ class ForwardState:
         policy: (B, N_tokens) keep mask incl. prefix tokens on the masked path, else None.
         decisions: per location, the (B, N_patches) keep mask after it (masked path; straight-through gradients).
         size: (B, N_tokens, 1) original tokens each token stands for (ToMe), else None.
-        positions: (B, N_patch_tokens) original grid index of each current patch token (-1: EViT's fused token)
-            on the gather path, None before the first reduction. Per-token extras follow from it: an Eva block gathers
-            the rotary rows of these positions (:func:`tpsvit.families.timm_eva.gather_rope`).
+        positions: (B, N_patch_tokens) original grid index of each current patch token (-1: EViT's fused token, the
+            similarity floor's fused token) on the gather path, None before the first reduction; on the masked path
+            None unless the floor appended fused tokens (then the grid, then -1 for each). Per-token extras follow
+            from it: an Eva block gathers the rotary rows of these positions
+            (:func:`tpsvit.families.timm_eva.gather_rope`).
         ranking: masked path with ``record_class_attention``: per location, (predictor keep log-probs (B, N, 2),
             the block's class attention over the alive tokens (B, N), the alive mask before it (B, N)).
     """
@@ -53,6 +55,7 @@ class ForwardState:
     size: Tensor | None = None
     positions: Tensor | None = None
     ranking: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    extra: int = 0  # masked path: fused tokens the similarity floor appended after the grid tokens so far
 
 
 class Runtime:
@@ -182,9 +185,11 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: Runtime, reduction: dic
     batch, n = patches.shape[:2]
     prev = state.policy[:, prefix_len:] if state.policy is not None else patches.new_ones(batch, n)
     if config.scorer == "random":
-        keep = top_k_mask(random_scores((batch, n), x.device), prev, reduction["keep_rate"])
+        scores = random_scores((batch, n), x.device)
+        keep = top_k_mask(scores, prev, reduction["keep_rate"])
     else:
         log_probs = block._tps_predictor(patches, prev)
+        scores = log_probs[..., 0]
         if block.training and not runtime.force_masked and runtime.training_decisions == "gumbel":
             keep = gumbel_keep(log_probs, prev)
         else:
@@ -197,7 +202,30 @@ def _reduce_masked(block: nn.Module, x: Tensor, runtime: Runtime, reduction: dic
                 target = class_attention_qk(q, k, runtime.family.attn_scale(block), prefix_len, bias)
             state.ranking.append((log_probs, target, prev))
     if config.spec.reducer == "squeeze":
-        patches = squeeze_masked(patches, keep, prev, config.temperature)
+        patches, keep = _squeeze_masked(patches, keep, prev, scores, config, state, reduction)
     state.policy = torch.cat([keep.new_ones(batch, prefix_len), keep], dim=1)
-    state.decisions.append(keep)
+    state.decisions.append(keep[:, : keep.shape[1] - state.extra])  # grid tokens: the keep-ratio loss's fractions
     return torch.cat([prefix, patches], dim=1)
+
+
+def _squeeze_masked(patches: Tensor, keep: Tensor, prev: Tensor, scores: Tensor, config: TPSConfig,
+                    state: ForwardState, reduction: dict) -> tuple[Tensor, Tensor]:
+    """The masked-path squeeze with the config's options (beyond the paper); returns (patches, keep), one longer
+    each when the similarity floor fuses the tokens below it into an extra token (as the gather path appends it)."""
+    if not config.floor_active and config.squeeze_weighting == "similarity":
+        return squeeze_masked(patches, keep, prev, config.temperature), keep
+    share = importance(scores, prev, log_probs=scores_are_log_probs(config))
+    log_weight = importance_log_weight(share, prev.sum(dim=1)) if config.squeeze_weighting == "importance" else None
+    floor = config.squeeze_floor if config.floor_active else None
+    fused, below = squeeze_masked(patches, keep, prev, config.temperature, floor=floor, log_weight=log_weight,
+                                  return_below=True)
+    if not config.floor_fuses or reduction["keep_rate"] >= 1:
+        return fused, keep
+    weight = share * (prev - keep) * below.float()  # straight-through gradients of the decisions, as the squeeze's
+    extra = (patches.float() * weight.unsqueeze(-1)).sum(dim=1, keepdim=True).to(patches.dtype)
+    batch, n = keep.shape
+    if state.positions is None:
+        state.positions = torch.arange(n, device=keep.device).expand(batch, -1)
+    state.positions = torch.cat([state.positions, state.positions.new_full((batch, 1), -1)], dim=1)
+    state.extra += 1
+    return torch.cat([fused, extra], dim=1), torch.cat([keep, keep.new_ones(batch, 1)], dim=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise InvalidArgumentError(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.checkpoint is None:
+        untrained = [m for m in args.methods if METHODS[m].learned and m not in DEMO_MODELS[args.data].finetuned]
+        if untrained:
+            print(f"tpsvit demo: no shipped fine-tune of {', '.join(untrained)} for {args.data}: left out (train one "
+                  f"with `tpsvit train --recipe ...-finetune --method METHOD`)", file=sys.stderr)
+            args.methods = [m for m in args.methods if m not in untrained]
     base, base_meta, tuned, tuned_meta = _models(args)
     dataset = embedded_dataset(args.data)
     images, labels = dataset(root=args.data_dir, train=False).tensors()

@@ -41,9 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_variant_arguments(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="NAME_OR_DIR",
-                       help="'fashion-mnist', 'fashion-mnist-cluttered', a folder of Fashion-MNIST IDX files, or an "
-                            "ImageFolder tree root/<class>/<image> (default: fashion-mnist for 28x28 grey models, "
-                            "fashion-mnist-cluttered for 56x56 ones)")
+                       help="'fashion-mnist', 'fashion-mnist-cluttered', 'fashion-mnist-textures', a folder of "
+                            "Fashion-MNIST IDX files, or an ImageFolder tree root/<class>/<image> (default: the "
+                            "checkpoint's embedded dataset, else fashion-mnist for 28x28 grey models, "
+                            "fashion-mnist-cluttered for 56x56 ones); without --model/--checkpoint an embedded "
+                            "dataset's name also picks its shipped model")
     group.add_argument("--split", choices=["test", "train"],
                        help="Fashion-MNIST split (default: test; not for an ImageFolder tree, which is one split)")
     group.add_argument("--limit", type=int, metavar="N", help="evaluate N images only (a deterministic subset)")
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from tpsvit.commands.flops import load_base_model, make_variant, variants_from_args, with_scorer
+    from tpsvit.data.datasets import embedded_name
     from tpsvit.families import family_of
     from tpsvit.io.hf_loading import is_hf_source
     from tpsvit.io.loading import checkpoint_metadata
@@ -136,9 +139,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and checkpoint is None:
         from tpsvit.io.assets import demo_checkpoint
 
-        checkpoint = args.checkpoint = str(demo_checkpoint())
+        checkpoint = args.checkpoint = str(demo_checkpoint(None, _shipped_data(args.data)))
     base = load_base_model(args, default_model=None)  # reads and checks the checkpoint first
     meta = checkpoint_metadata(checkpoint) if checkpoint else {}
+    if args.data is None and embedded_name(meta.get("data") or "") is not None:
+        args.data = embedded_name(meta["data"])  # the embedded dataset the checkpoint was trained on
     data, description, classes = load_data(args, base)
     model_classes = family_of(base).num_classes(base)
     if model_classes is None:
@@ -259,6 +264,16 @@ def auto_variant(base, variant: Variant, budget: float, calib, what: str, batch_
     versus = "" if fixed is None else f"; fixed schedule {fixed.top1:.2f}% ({fixed.family})"
     print(f"auto schedule {schedule}{versus} [{what}]")
     return chosen, schedule
+
+
+def _shipped_data(data: str | None) -> str:
+    """The embedded dataset whose shipped base model ``--data`` picks when no model is given (the default one for
+    anything else)."""
+    from tpsvit.data.datasets import embedded_name
+    from tpsvit.io.assets import DEFAULT_DATA, DEMO_MODELS
+
+    name = embedded_name(data) if data is not None else None
+    return name if name in DEMO_MODELS else DEFAULT_DATA
 
 
 def _schedule_of(variant: Variant, schedules: list) -> str:

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and args.checkpoint is None:
         from tpsvit.io.assets import demo_checkpoint
 
-        args.checkpoint = str(demo_checkpoint())
+        args.checkpoint = str(demo_checkpoint())  # exports need no data: the default testbed's model
     base = load_base_model(args, default_model=None).eval()
     meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
     name = args.model or meta.get("model") or "model"

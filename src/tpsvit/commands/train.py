@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="timm model name, or a transformers classifier: hf:ORG/NAME or a save_pretrained folder")
     model.add_argument("--checkpoint", default=S, metavar="FILE",
                        help="starting weights (tpsvit safetensors, torch); 'shipped': the base model shipped for the "
-                            "mini-DeiT's dataset")
+                            "recipe's embedded dataset (else the mini-DeiT's); 'shipped:DATA': the one shipped for "
+                            "DATA (a warm start from another testbed)")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=S,
                        help="start from timm's pretrained weights")
     model.add_argument("--teacher", default=S, metavar="auto|none|FILE",
@@ -101,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "distillation with top-k decisions (beyond the paper)")
     data = parser.add_argument_group("data and schedule")
     data.add_argument("--data", default=S, metavar="NAME|DIR",
-                      help="fashion-mnist, fashion-mnist-cluttered, a Fashion-MNIST IDX folder, or an ImageFolder "
+                      help="fashion-mnist, fashion-mnist-cluttered, fashion-mnist-textures, a Fashion-MNIST IDX "
+                           "folder, or an ImageFolder "
                            "root (with train/ val/)")
     data.add_argument("--limit", type=int, default=S, metavar="N", help="train on N images only")
     data.add_argument("--val-limit", type=int, default=S, metavar="N", help="evaluate on N images only")

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="IMAGE",
                         help="image files or folders of images (searched recursively)")
     data = parser.add_argument_group("dataset samples")
-    data.add_argument("--data", help="'fashion-mnist', 'fashion-mnist-cluttered', a folder of Fashion-MNIST IDX files "
-                                     "or an ImageFolder tree (default without IMAGE: the embedded dataset of the "
-                                     f"model's input size, {DEFAULT_SAMPLES} samples)")
+    data.add_argument("--data", help="'fashion-mnist', 'fashion-mnist-cluttered', 'fashion-mnist-textures', a folder "
+                                     "of Fashion-MNIST IDX files or an ImageFolder tree (default without IMAGE: "
+                                     f"the embedded dataset of the model's input size, {DEFAULT_SAMPLES} samples)")
     data.add_argument("--split", choices=("test", "train"), default="test", help="dataset split (default: test)")
     pick = data.add_mutually_exclusive_group()
     pick.add_argument("--index", type=int, nargs="+", metavar="I", help="sample indices to draw")
@@ -86,7 +86,7 @@ def load_patched_model(args: argparse.Namespace) -> nn.Module:
 
     name, checkpoint = args.model, args.checkpoint
     if name is None and checkpoint is None:
-        checkpoint = _demo_checkpoint(args.method)
+        checkpoint = _demo_checkpoint(args.method, args.data)
     model = load_model(name, checkpoint, pretrained=args.pretrained).eval()
     _patch_as_asked(model, args)
     if name is not None and checkpoint is None and not args.pretrained and not is_hf_source(name):
@@ -124,11 +124,16 @@ def _single(values):
     return values[0] if isinstance(values, (list, tuple)) and len(set(values)) == 1 else values
 
 
-def _demo_checkpoint(method: str | None) -> Path:
-    from tpsvit.io.assets import FINETUNED, demo_checkpoint
+def _demo_checkpoint(method: str | None, data: str | None = None) -> Path:
+    """The shipped model for ``data`` (an embedded dataset's name; else the default testbed's), fine-tuned for
+    ``method`` when one is shipped."""
+    from tpsvit.data.datasets import embedded_name
+    from tpsvit.io.assets import DEFAULT_DATA, DEMO_MODELS, demo_checkpoint
 
+    name = embedded_name(data) if data is not None else None
+    name = name if name in DEMO_MODELS else DEFAULT_DATA
     try:
-        return demo_checkpoint(method if method in FINETUNED else None)
+        return demo_checkpoint(method if method in DEMO_MODELS[name].finetuned else None, name)
     except CheckpointError:
         raise InvalidArgumentError(
             "no model given and the shipped demo model is missing from tpsvit/assets; pass --model NAME (timm) "

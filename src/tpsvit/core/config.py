@@ -11,6 +11,10 @@ from tpsvit.errors import InvalidArgumentError
 
 DEFAULT_LOCATIONS = (3, 6, 9)
 FUSE_MODES = ("sum", "mean")  # EViT's fused token: the release's weighted sum, or a renormalised weighted mean
+# Squeeze options beyond the paper (etps / dtps only; see TPSConfig): what a pruned token below the similarity floor
+# does, and how a donor is weighted.
+FLOOR_ACTIONS = ("drop", "fuse")
+SQUEEZE_WEIGHTINGS = ("similarity", "importance")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,15 @@ class TPSConfig:
         num_prefix_tokens: class / distillation / register tokens, never reduced.
         fuse: EViT's fused token: ``"sum"`` (the release: class-attention-weighted sum of the pruned tokens) or
             ``"mean"`` (the same weights renormalised; not in the release).
+        squeeze_floor: beyond the paper (etps / dtps): a pruned token whose best host has cosine similarity below
+            this floor is not squeezed; ``None`` (the paper) or -1 (no cosine is below it) squeezes every token.
+        squeeze_floor_action: beyond the paper: what a token below the floor does, ``"drop"`` (DynamicViT's rule)
+            or ``"fuse"`` (EViT's rule: the tokens below the floor are summed, weighted by their importance, into one
+            extra token appended after the kept ones, at every location where tokens are pruned).
+        squeeze_weighting: ``"similarity"`` (the paper: a donor weighs ``exp(cos / temperature)``) or
+            ``"importance"`` (beyond the paper: that weight times ``n * a_i``, the donor's share ``a_i`` of the
+            importance of the ``n`` tokens alive at the location, so an average-importance donor keeps the paper's
+            weight and an unimportant one hardly moves its host).
     """
 
     method: str
@@ -42,11 +55,29 @@ class TPSConfig:
     depth: int
     num_prefix_tokens: int
     fuse: str = "sum"
+    squeeze_floor: float | None = None
+    squeeze_floor_action: str = "drop"
+    squeeze_weighting: str = "similarity"
 
     @property
     def spec(self) -> Method:
         """The registry entry of :attr:`method`."""
         return get_method(self.method)
+
+    @property
+    def floor_active(self) -> bool:
+        """True when the similarity floor can leave a token unsqueezed (set, and above -1)."""
+        return self.squeeze_floor is not None and self.squeeze_floor > -1
+
+    @property
+    def floor_fuses(self) -> bool:
+        """True when tokens below an active floor are fused into one extra token per location."""
+        return self.floor_active and self.squeeze_floor_action == "fuse"
+
+    def tokens_after(self, n: int, keep_rate: float | None = None, r: int | None = None) -> int:
+        """Patch tokens left after reducing ``n`` (the method's count, plus the floor's extra token)."""
+        out = self.spec.tokens_after(n, keep_rate=keep_rate, r=r)
+        return out + 1 if self.floor_fuses and out < n else out
 
     def reduction_at(self, block: int) -> dict | None:
         """``{"keep_rate": ..., "r": ...}`` applied at ``block`` (one of them None), or None if it reduces nothing."""
@@ -67,10 +98,10 @@ class TPSConfig:
         for block in range(self.depth):
             reduction = self.reduction_at(block)
             if reduction is not None and self.spec.placement == "before":
-                n = self.spec.tokens_after(n, **reduction)
+                n = self.tokens_after(n, **reduction)
             n_attn = n
             if reduction is not None and self.spec.placement == "inside":
-                n = self.spec.tokens_after(n, **reduction)
+                n = self.tokens_after(n, **reduction)
             out.append((n_attn, n))
         return out
 
@@ -83,6 +114,9 @@ class TPSConfig:
         amounts = (f"keep_rate={list(self.keep_rate)}" if self.keep_rate is not None else f"r={list(self.r)}")
         extra = f", scorer={self.scorer}" if self.scorer != "default" else ""
         extra += f", fuse={self.fuse}" if self.fuse != "sum" else ""
+        if self.squeeze_floor is not None:
+            extra += f", squeeze_floor={self.squeeze_floor:g} ({self.squeeze_floor_action})"
+        extra += f", squeeze_weighting={self.squeeze_weighting}" if self.squeeze_weighting != "similarity" else ""
         return f"{self.method} at blocks {list(self.locations)}, {amounts}, temperature={self.temperature}{extra}"
 
 
@@ -97,6 +131,10 @@ def make_config(
     scorer: str = "default",
     fuse: str = "sum",
     class_token: bool = True,
+    *,
+    squeeze_floor: float | None = None,
+    squeeze_floor_action: str = "drop",
+    squeeze_weighting: str = "similarity",
 ) -> TPSConfig:
     """Validate user arguments into a :class:`TPSConfig`, with errors that say what is allowed.
 
@@ -138,7 +176,30 @@ def make_config(
         raise InvalidArgumentError(f"unknown fuse {fuse!r}; allowed: {', '.join(FUSE_MODES)}")
     if fuse != "sum" and spec.reducer != "fuse_one":
         raise InvalidArgumentError(f"fuse={fuse!r} is EViT's option; method {spec.name!r} fuses no token")
-    return TPSConfig(spec.name, locs, rates, rs, float(temperature), scorer, depth, num_prefix_tokens, fuse)
+    floor = _validate_squeeze_options(spec, squeeze_floor, squeeze_floor_action, squeeze_weighting)
+    return TPSConfig(spec.name, locs, rates, rs, float(temperature), scorer, depth, num_prefix_tokens, fuse,
+                     floor, squeeze_floor_action, squeeze_weighting)
+
+
+def _validate_squeeze_options(spec: Method, floor, action: str, weighting: str) -> float | None:
+    """The squeeze options beyond the paper: only for squeezing methods, each value checked; the floor as a float."""
+    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))
+                              or not (math.isfinite(floor) and -1 <= floor <= 1)):
+        raise InvalidArgumentError(f"squeeze_floor must be a cosine similarity in [-1, 1] (or None: off), "
+                                   f"got {floor!r}")
+    if action not in FLOOR_ACTIONS:
+        raise InvalidArgumentError(f"unknown squeeze_floor_action {action!r}; allowed: {', '.join(FLOOR_ACTIONS)}")
+    if weighting not in SQUEEZE_WEIGHTINGS:
+        raise InvalidArgumentError(f"unknown squeeze_weighting {weighting!r}; allowed: {', '.join(SQUEEZE_WEIGHTINGS)}")
+    if action != "drop" and floor is None:
+        raise InvalidArgumentError(f"squeeze_floor_action={action!r} acts on the tokens below squeeze_floor; set "
+                                   "squeeze_floor too (a cosine in [-1, 1])")
+    used = [name for name, value, default in (("squeeze_floor", floor, None), ("squeeze_floor_action", action, "drop"),
+                                              ("squeeze_weighting", weighting, "similarity")) if value != default]
+    if used and spec.reducer != "squeeze":
+        raise InvalidArgumentError(f"{', '.join(used)} {'is an option' if len(used) == 1 else 'are options'} of the "
+                                   f"TPS squeeze (etps, dtps); method {spec.name!r} squeezes nothing")
+    return None if floor is None else float(floor)
 
 
 def _validate_locations(locations, depth: int) -> tuple[int, ...]:

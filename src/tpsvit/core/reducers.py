@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tpsvit.core.squeeze import full_precision, squeeze_with_hosts
+from tpsvit.core.squeeze import full_precision, importance, importance_log_weight, squeeze_with_hosts
 
 
 @dataclass
@@ -33,10 +33,39 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def squeeze_reduce(x: Tensor, kept: Tensor, pruned: Tensor, temperature: float) -> Reduction:
-    """TPS: squeeze each pruned token into its most similar kept token."""
-    tokens, host = squeeze_with_hosts(gather_tokens(x, kept), gather_tokens(x, pruned), temperature)
-    return Reduction(tokens, kept, pruned, host)
+def squeeze_reduce(x: Tensor, kept: Tensor, pruned: Tensor, temperature: float, scores: Tensor | None = None,
+                   config=None) -> Reduction:
+    """TPS: squeeze each pruned token into its most similar kept token.
+
+    With a :class:`~tpsvit.core.config.TPSConfig` whose squeeze options are set (beyond the paper; ``scores`` (B, N)
+    are then the scorer's): ``squeeze_weighting="importance"`` multiplies each donor's weight by ``n * a_i``
+    (:func:`~tpsvit.core.squeeze.importance`); with ``squeeze_floor``, a pruned token whose best host's cosine is
+    below the floor is dropped (host -1) or, with ``squeeze_floor_action="fuse"``, summed with the others below the
+    floor into one extra token weighted by their importance shares (EViT's rule; the zero token when none is below),
+    appended after the kept tokens.
+    """
+    if config is None or (not config.floor_active and config.squeeze_weighting == "similarity"):
+        tokens, host = squeeze_with_hosts(gather_tokens(x, kept), gather_tokens(x, pruned), temperature)
+        return Reduction(tokens, kept, pruned, host)
+    share = importance(scores, log_probs=scores_are_log_probs(config)).gather(1, pruned) if pruned.shape[1] else None
+    log_weight = None
+    if config.squeeze_weighting == "importance" and share is not None:
+        log_weight = importance_log_weight(share, x.shape[1])
+    floor = config.squeeze_floor if config.floor_active else None
+    donors = gather_tokens(x, pruned)
+    tokens, host = squeeze_with_hosts(gather_tokens(x, kept), donors, temperature, floor=floor, log_weight=log_weight)
+    if not config.floor_fuses or pruned.shape[1] == 0:
+        return Reduction(tokens, kept, pruned, host)
+    below = host < 0
+    weight = torch.where(below, share, torch.zeros_like(share))
+    extra = (donors.float() * weight.unsqueeze(-1)).sum(dim=1, keepdim=True).to(x.dtype)
+    host = host.masked_fill(below, kept.shape[1])
+    return Reduction(torch.cat([tokens, extra], dim=1), kept, pruned, host, extra=1)
+
+
+def scores_are_log_probs(config) -> bool:
+    """True when the config's scorer gives log-probabilities (a learned predictor) rather than attention / random."""
+    return config.spec.scorer == "predictor" and config.scorer != "random"
 
 
 def drop_reduce(x: Tensor, kept: Tensor, pruned: Tensor) -> Reduction:
@@ -71,7 +100,8 @@ def fuse_one_reduce(x: Tensor, kept: Tensor, pruned: Tensor, scores: Tensor, fus
 # Reducers of scored tokens, by Method.reducer name: (patches, kept, pruned, scores, config) -> Reduction. ToMe's
 # "merge" pairs tokens by matching instead of scores and is run by the runtime itself.
 SCORED_REDUCERS: dict[str, Callable[..., Reduction]] = {
-    "squeeze": lambda x, kept, pruned, scores, config: squeeze_reduce(x, kept, pruned, config.temperature),
+    "squeeze": lambda x, kept, pruned, scores, config: squeeze_reduce(x, kept, pruned, config.temperature, scores,
+                                                                      config),
     "drop": lambda x, kept, pruned, scores, config: drop_reduce(x, kept, pruned),
     "fuse_one": lambda x, kept, pruned, scores, config: fuse_one_reduce(x, kept, pruned, scores, config.fuse),
 }

@@ -10,6 +10,11 @@ Two execution paths share the same arithmetic:
 Similarities and weights are computed in float32 whatever the input dtype, and with autocast off (under autocast a
 ``.float()`` before ``@`` would still run the product in bf16/fp16 and change host choices); weights are shifted by
 their maximum so that small temperatures cannot overflow.
+
+Beyond the paper, both paths take two options (off by default, and then the result is exactly the paper's):
+``floor`` -- a pruned token whose best host has cosine similarity below it is not squeezed (its host is -1), and
+``log_weight`` -- a per-donor log-weight added to ``cos / temperature`` (the importance-weighted squeeze,
+:func:`importance_log_weight`).
 """
 
 from __future__ import annotations
@@ -63,10 +68,13 @@ def _fuse(hosts: Tensor, donors: Tensor, host_index: Tensor, logits: Tensor, don
     return numer / denom.unsqueeze(-1), count
 
 
-def squeeze_with_hosts(reserved: Tensor, pruned: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def squeeze_with_hosts(reserved: Tensor, pruned: Tensor, temperature: float = 1.0, *, floor: float | None = None,
+                       log_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Squeeze ``pruned`` (B, Np, C) into ``reserved`` (B, Nr, C); also return each pruned token's host (B, Np).
 
     Host indices index ``reserved``. Reserved tokens that no pruned token chose are returned bit-for-bit unchanged.
+    Beyond the paper: with ``floor``, a pruned token whose best cosine is below it is not squeezed and gets host -1;
+    ``log_weight`` (B, Np) is added to each donor's logit ``cos / temperature``.
     """
     _check_pair(reserved, pruned, temperature)
     if pruned.shape[1] == 0:
@@ -74,9 +82,50 @@ def squeeze_with_hosts(reserved: Tensor, pruned: Tensor, temperature: float = 1.
     with full_precision(reserved):
         similarity = (_unit(pruned) @ _unit(reserved).transpose(1, 2)) / temperature  # (B, Np, Nr)
         logits, host = similarity.max(dim=-1)
+        below = _below_floor(logits, temperature, floor)
+        logits = _with_options(logits, below, log_weight)
         fused, count = _fuse(reserved, pruned, host, logits, None)
     fused = torch.where(count.unsqueeze(-1) > 0, fused.to(reserved.dtype), reserved)
+    if below is not None:
+        host = host.masked_fill(below, -1)
     return fused, host
+
+
+def _below_floor(logits: Tensor, temperature: float, floor: float | None) -> Tensor | None:
+    """(B, P) True where the best cosine (``logits * temperature``) is below ``floor``; None without a floor."""
+    if floor is None:
+        return None
+    return (logits * temperature) < floor
+
+
+def _with_options(logits: Tensor, below: Tensor | None, log_weight: Tensor | None) -> Tensor:
+    """Donor logits with the options applied: -inf (no squeeze) below the floor, plus the donors' log-weights."""
+    if log_weight is not None:
+        logits = logits + log_weight.float()
+    if below is not None:
+        logits = logits.masked_fill(below, float("-inf"))
+    return logits
+
+
+def importance(scores: Tensor, alive: Tensor | None = None, log_probs: bool = False) -> Tensor:
+    """Each token's share of the importance of the alive tokens, (B, N) summing to 1 over them (0 on dead ones).
+
+    ``scores`` (B, N) are a scorer's (higher = more important): attention or random scores (>= 0) as they are, a
+    learned predictor's keep log-probabilities (``log_probs=True``) as probabilities. ``alive`` (B, N) is the mask of
+    the tokens alive at the location (None: all). Beyond the paper: the importance-weighted squeeze and the
+    similarity floor's fused token use it.
+    """
+    weight = scores.float().exp() if log_probs else scores.float().clamp_min(0)
+    if alive is not None:
+        weight = weight * alive.detach().float()
+    return weight / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def importance_log_weight(share: Tensor, alive_count: Tensor | int) -> Tensor:
+    """log(n * a_i) (B, P) of donor importance shares ``a_i`` (from :func:`importance`), ``n`` tokens alive: 0 for an
+    average donor, so the importance-weighted squeeze keeps the paper's weights when every token matters equally."""
+    count = alive_count if isinstance(alive_count, int) else alive_count.float().unsqueeze(-1)
+    return (share.float() * count).clamp_min(1e-12).log()
 
 
 def squeeze(reserved: Tensor, pruned: Tensor, temperature: float = 1.0) -> Tensor:
@@ -88,7 +137,9 @@ def squeeze(reserved: Tensor, pruned: Tensor, temperature: float = 1.0) -> Tenso
     return squeeze_with_hosts(reserved, pruned, temperature)[0]
 
 
-def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature: float = 1.0) -> Tensor:
+def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature: float = 1.0, *,
+                   floor: float | None = None, log_weight: Tensor | None = None,
+                   return_below: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Full-length squeeze used while training dTPS: one sequence, keep masks instead of gathers.
 
     Args:
@@ -97,6 +148,8 @@ def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature:
         prev_keep: (B, N) keep decisions before this location; tokens with ``(1 - keep) * prev_keep == 1`` are
             squeezed now (the release's product form, whose straight-through gradient reaches both masks).
         temperature: similarity temperature.
+        floor, log_weight: the options of :func:`squeeze_with_hosts` (beyond the paper); ``log_weight`` is (B, N).
+        return_below: also return the (B, N) mask of the tokens pruned now that the floor kept from being squeezed.
 
     Returns:
         (B, N, C): kept rows equal :func:`squeeze` of (kept, pruned-now) tokens; other rows are unchanged. Hosts are
@@ -114,9 +167,16 @@ def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature:
         eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
         similarity = similarity.masked_fill(~is_host.unsqueeze(1) | eye, float("-inf"))
         logits, host = similarity.max(dim=-1)
+        below = _below_floor(logits, temperature, floor)
+        logits = _with_options(logits, below, log_weight)
         pruned_now = (1.0 - keep) * prev_keep
         fused, _ = _fuse(tokens, tokens, host, logits, pruned_now)
-    return fused.to(tokens.dtype)
+    fused = fused.to(tokens.dtype)
+    if not return_below:
+        return fused
+    if below is None:
+        return fused, torch.zeros_like(keep, dtype=torch.bool)
+    return fused, below & (pruned_now.detach() > 0)
 
 
 def _check_pair(reserved: Tensor, pruned: Tensor, temperature: float) -> None:

@@ -1,4 +1,5 @@
-"""Datasets by name: Fashion-MNIST (IDX files), its cluttered canvases (:mod:`.cluttered`) and ImageFolder trees.
+"""Datasets by name: Fashion-MNIST (IDX files), its cluttered canvases (:mod:`.cluttered`, :mod:`.textures`) and
+ImageFolder trees.
 
 The names below are those the old ``tpsvit.data`` module had; the code is in :mod:`tpsvit.data.datasets`.
 """
@@ -9,6 +10,7 @@ from tpsvit.data.datasets import (
     FASHION_MNIST_STD,
     ClutteredFashionMNIST,
     FashionMNIST,
+    TexturedFashionMNIST,
     build_dataset,
     embedded_dataset,
     find_fashion_mnist,
@@ -17,5 +19,5 @@ from tpsvit.data.datasets import (
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "ClutteredFashionMNIST", "FashionMNIST",
-    "build_dataset", "embedded_dataset", "find_fashion_mnist", "image_folder",
+    "TexturedFashionMNIST", "build_dataset", "embedded_dataset", "find_fashion_mnist", "image_folder",
 ]

@@ -40,8 +40,8 @@ class ClutterSpec:
         (B, canvas, canvas); the second gives the garment's own pixels (segmentation labels).
 
         Each garment lands at a uniformly random position (flipped horizontally with probability 0.5 when
-        ``flip``); each clutter piece is a random ``piece`` x ``piece`` crop from the central part of a random image
-        of ``pool``, placed uniformly at random.
+        ``flip``); then ``pieces`` clutter pieces per image (:meth:`clutter_pieces`: here a random ``piece`` x
+        ``piece`` crop from the central part of a random image of ``pool``) are placed uniformly at random.
         """
         b = garments.shape[0]
         out = torch.zeros(b, self.canvas, self.canvas, dtype=torch.uint8)
@@ -51,15 +51,19 @@ class ClutterSpec:
         _paste(out, garments, gen)
         alone = out.clone()
         if self.pieces:
-            n = b * self.pieces
-            source = torch.randint(0, len(pool), (n,), generator=gen)
-            low, high = 2, GARMENT - self.piece - 2  # skip the empty border of the 28x28 images
-            top = torch.randint(low, high + 1, (n,), generator=gen)
-            left = torch.randint(low, high + 1, (n,), generator=gen)
-            crops = pool[source[:, None, None], _span(top, self.piece)[:, :, None], _span(left, self.piece)[:, None, :]]
+            crops = self.clutter_pieces(pool, b * self.pieces, gen)
             for k in range(self.pieces):
                 _paste(out, crops[k::self.pieces], gen)
         return out, alone
+
+    def clutter_pieces(self, pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` uint8 clutter pieces (n, piece, piece): random crops from the central part of random images of
+        ``pool`` (other garments). Subclasses draw clutter from another domain (:mod:`tpsvit.data.textures`)."""
+        source = torch.randint(0, len(pool), (n,), generator=gen)
+        low, high = 2, GARMENT - self.piece - 2  # skip the empty border of the 28x28 images
+        top = torch.randint(low, high + 1, (n,), generator=gen)
+        left = torch.randint(low, high + 1, (n,), generator=gen)
+        return pool[source[:, None, None], _span(top, self.piece)[:, :, None], _span(left, self.piece)[:, None, :]]
 
 
 def _span(start: torch.Tensor, size: int) -> torch.Tensor:

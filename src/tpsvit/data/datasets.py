@@ -31,6 +31,8 @@ FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 FASHION_MNIST_NAMES = ("fashion-mnist", "fmnist", "fashion_mnist")
 CLUTTERED_NAMES = ("fashion-mnist-cluttered", "fmnist-cluttered", "cluttered")
+TEXTURES_NAMES = ("fashion-mnist-textures", "fmnist-textures", "textures")
+EMBEDDED_NAMES = FASHION_MNIST_NAMES + CLUTTERED_NAMES + TEXTURES_NAMES  # every name of an embedded dataset
 # The embedded dataset that a grey model of each input size (channels, height, width) takes by default.
 DEFAULT_DATA_BY_INPUT = {(1, 28, 28): "fashion-mnist", (1, 56, 56): "fashion-mnist-cluttered"}
 IDX_FILES = (
@@ -220,7 +222,7 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class ClutteredFashionMNIST(FashionMNIST):
-    """Fashion-MNIST garments on a larger canvas among clutter (see :mod:`tpsvit.cluttered`).
+    """Fashion-MNIST garments on a larger canvas among clutter (see :mod:`tpsvit.data.cluttered`).
 
     ``images`` are the split's fixed cluttered composition (uint8, N x canvas x canvas; the test split's is the
     benchmark, the training split's is for calibration and evaluation), composed on first use; ``garments`` are the
@@ -232,11 +234,9 @@ class ClutteredFashionMNIST(FashionMNIST):
 
     def __init__(self, root: str | os.PathLike | None = None, train: bool = True,
                  transform: Callable | None = None, limit: int | None = None, spec=None):
-        from tpsvit.data.cluttered import ClutterSpec
-
         _check_limit(limit)
         super().__init__(root, train, transform, None)
-        self.spec = spec or ClutterSpec()
+        self.spec = spec or self.default_spec()
         self._all_garments = self.__dict__.pop("images")  # the whole split: the fixed composition draws clutter from it
         self._limit = limit
         self.labels = self.labels[:limit]
@@ -253,15 +253,50 @@ class ClutteredFashionMNIST(FashionMNIST):
         """A fresh cluttered uint8 batch (B, canvas, canvas) of the garments ``index`` (random flip, new clutter)."""
         return self.spec.compose(self.garments[index], self.garments, gen, flip=True)
 
+    @staticmethod
+    def default_spec():
+        """The composition used without ``spec``: six 8x8 crops of other garments on a 56x56 canvas."""
+        from tpsvit.data.cluttered import ClutterSpec
+
+        return ClutterSpec()
+
+
+class TexturedFashionMNIST(ClutteredFashionMNIST):
+    """Cluttered Fashion-MNIST whose clutter pieces are procedural textures, not crops of other garments (see
+    :mod:`tpsvit.data.textures`). Same canvas, piece count and size, and the same seeds: each garment lands where
+    it lands in :class:`ClutteredFashionMNIST`'s fixed splits, only the clutter differs."""
+
+    title, slug = "Fashion-MNIST among textures", "fashion-mnist-textures"
+
+    @staticmethod
+    def default_spec():
+        """Six 8x8 procedural texture pieces on a 56x56 canvas (:class:`~tpsvit.data.textures.TextureSpec`)."""
+        from tpsvit.data.textures import TextureSpec
+
+        return TextureSpec()
+
+
+def embedded_name(name) -> str | None:
+    """The canonical name ('fashion-mnist', 'fashion-mnist-cluttered', 'fashion-mnist-textures') of an embedded
+    dataset's name or alias, or None when ``name`` names none."""
+    key = str(name).lower()
+    for names in (FASHION_MNIST_NAMES, CLUTTERED_NAMES, TEXTURES_NAMES):
+        if key in names:
+            return names[0]
+    return None
+
+
+EMBEDDED = {"fashion-mnist": FashionMNIST, "fashion-mnist-cluttered": ClutteredFashionMNIST,
+            "fashion-mnist-textures": TexturedFashionMNIST}
+
 
 def embedded_dataset(name: str) -> type[FashionMNIST]:
-    """The class of an embedded dataset by name: 'fashion-mnist' (or 'fmnist') or 'fashion-mnist-cluttered'."""
-    key = str(name).lower()
-    if key in CLUTTERED_NAMES:
-        return ClutteredFashionMNIST
-    if key in FASHION_MNIST_NAMES:
-        return FashionMNIST
-    raise DatasetError(f"{name!r} is not an embedded dataset; allowed: fashion-mnist, fashion-mnist-cluttered")
+    """The class of an embedded dataset by name: 'fashion-mnist' (or 'fmnist'), 'fashion-mnist-cluttered' or
+    'fashion-mnist-textures'."""
+    canonical = embedded_name(name)
+    if canonical is None:
+        raise DatasetError(f"{name!r} is not an embedded dataset; allowed: {', '.join(EMBEDDED)}")
+    return EMBEDDED[canonical]
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -415,8 +450,9 @@ def build_dataset(name_or_path: str | os.PathLike, train: bool, img_size: int, i
                   model: torch.nn.Module | None = None, limit: int | None = None) -> Dataset:
     """Build a dataset with ``.classes`` from a name or a path.
 
-    Accepted: "fashion-mnist" / "fmnist" (found as in ``find_fashion_mnist``); "fashion-mnist-cluttered" (the same
-    files, see :class:`ClutteredFashionMNIST`); a directory holding the
+    Accepted: "fashion-mnist" / "fmnist" (found as in ``find_fashion_mnist``); "fashion-mnist-cluttered" and
+    "fashion-mnist-textures" (the same files, see :class:`ClutteredFashionMNIST`, :class:`TexturedFashionMNIST`);
+    a directory holding the
     Fashion-MNIST IDX files (or ``FashionMNIST/raw`` below it); an ImageFolder tree ``root/<class>/<image>``,
     transformed with ``imagefolder_transform(model, train, img_size)`` (RGB), or read as greyscale and transformed
     with ``grey_imagefolder_transform`` when ``in_chans`` is 1. ``limit`` keeps a deterministic subset
@@ -424,13 +460,15 @@ def build_dataset(name_or_path: str | os.PathLike, train: bool, img_size: int, i
     """
     _check_size(img_size, in_chans)
     _check_limit(limit)
-    accepted = ("expected 'fashion-mnist' (or 'fmnist'), 'fashion-mnist-cluttered', a directory with the "
+    accepted = ("expected 'fashion-mnist' (or 'fmnist'), 'fashion-mnist-cluttered', 'fashion-mnist-textures', "
+                "a directory with the "
                 "Fashion-MNIST IDX files, "
                 "or an ImageFolder directory root/<class>/<image>")
     if str(name_or_path).lower() in FASHION_MNIST_NAMES:
         return FashionMNIST(None, train, fashion_mnist_transform(img_size, in_chans, train), limit)
-    if str(name_or_path).lower() in CLUTTERED_NAMES:
-        return ClutteredFashionMNIST(None, train, fashion_mnist_transform(img_size, in_chans, False), limit)
+    if str(name_or_path).lower() in CLUTTERED_NAMES + TEXTURES_NAMES:
+        kind = embedded_dataset(str(name_or_path))
+        return kind(None, train, fashion_mnist_transform(img_size, in_chans, False), limit)
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise DatasetError(

@@ -1,7 +1,8 @@
 """The models shipped inside the package for the demo (trained by ``tpsvit train`` on a CPU).
 
-Two embedded datasets, each with its base mini-DeiT and short fine-tunes of the learned methods' predictors:
-``fashion-mnist-cluttered`` (the default; 56x56 canvases, 8x8 patches) and ``fashion-mnist`` (28x28, 4x4 patches).
+Three embedded datasets, each with its base mini-DeiT: ``fashion-mnist-cluttered`` (the default; 56x56 canvases,
+8x8 patches) and ``fashion-mnist`` (28x28, 4x4 patches), both with short fine-tunes of the learned methods'
+predictors, and ``fashion-mnist-textures`` (the cluttered canvases with procedural-texture clutter; base model only).
 """
 
 from __future__ import annotations
@@ -37,20 +38,23 @@ DEMO_MODELS = {
         "mini_deit_fmnist.safetensors",
         {"dtps": "mini_deit_fmnist_dtps.safetensors", "dynamicvit": "mini_deit_fmnist_dynamicvit.safetensors"},
         "fmnist-scratch"),
+    "fashion-mnist-textures": DemoModels("mini_deit_textures.safetensors", {}, "textures-scratch"),
 }
 FINETUNED = tuple(DEMO_MODELS[DEFAULT_DATA].finetuned)  # methods with shipped fine-tuned checkpoints
 
 
 def demo_checkpoint(method: str | None = None, data: str = DEFAULT_DATA) -> Path:
     """Path of the shipped base model for ``data``, or of its fine-tuned checkpoint for ``method`` (dtps,
-    dynamicvit)."""
-    models = DEMO_MODELS.get(data)
+    dynamicvit). ``data`` may be any name of an embedded dataset (``fmnist-textures``, ``textures``, ...)."""
+    from tpsvit.data.datasets import embedded_name
+
+    models = DEMO_MODELS.get(embedded_name(data) or data)
     if models is None:
         raise CheckpointError(f"no shipped models for data {data!r}; shipped: {', '.join(DEMO_MODELS)}")
     name = models.base if method is None else models.finetuned.get(method)
     if name is None:
-        raise CheckpointError(f"no shipped fine-tuned checkpoint for {method!r}; shipped: "
-                              f"{', '.join(models.finetuned)}")
+        raise CheckpointError(f"no shipped fine-tuned checkpoint for {method!r} on {data}; shipped: "
+                              f"{', '.join(models.finetuned) or 'none'}")
     path = ASSETS / name
     if not path.is_file():
         raise CheckpointError(

@@ -88,7 +88,18 @@ def patch_spec(model: nn.Module) -> dict | None:
         "r": None if cfg.r is None else list(cfg.r),
         "temperature": cfg.temperature,
         "fuse": cfg.fuse,
+        **squeeze_options(cfg),
     }
+
+
+def squeeze_options(cfg) -> dict:
+    """The squeeze options beyond the paper that a config sets (none: {}), as keyword arguments of ``patch``."""
+    out = {}
+    if cfg.squeeze_floor is not None:
+        out.update(squeeze_floor=cfg.squeeze_floor, squeeze_floor_action=cfg.squeeze_floor_action)
+    if cfg.squeeze_weighting != "similarity":
+        out["squeeze_weighting"] = cfg.squeeze_weighting
+    return out
 
 
 def apply_patch_spec(model: nn.Module, spec: dict | None) -> nn.Module:
@@ -102,6 +113,9 @@ def apply_patch_spec(model: nn.Module, spec: dict | None) -> nn.Module:
             r=spec.get("r"),
             temperature=spec.get("temperature", 1.0),
             fuse=spec.get("fuse", "sum"),
+            squeeze_floor=spec.get("squeeze_floor"),
+            squeeze_floor_action=spec.get("squeeze_floor_action", "drop"),
+            squeeze_weighting=spec.get("squeeze_weighting", "similarity"),
         )
     return model
 

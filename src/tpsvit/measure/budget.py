@@ -38,15 +38,16 @@ def model_shape(model, img_size=None) -> ViTShape:
 
 
 def schedule_gmacs(model, method: str | None = None, keep_rate=1.0, locations=DEFAULT_LOCATIONS, r=None,
-                   img_size=None) -> float:
+                   img_size=None, options: dict | None = None) -> float:
     """Analytic GMACs of ``model`` (model, timm name or ViTShape) under a patch, without patching anything.
 
-    ``method=None`` gives the unpatched cost. Arguments are those of :func:`tpsvit.patch`.
+    ``method=None`` gives the unpatched cost. Arguments are those of :func:`tpsvit.patch`; ``options`` holds its
+    other keywords (``squeeze_floor_action="fuse"`` adds a token per location, for example).
     """
     shape = model_shape(model, img_size)
     if method is None:
         return total_macs(shape) / 1e9
-    config = make_config(method, shape.depth, shape.num_prefix_tokens, keep_rate, locations, r)
+    config = make_config(method, shape.depth, shape.num_prefix_tokens, keep_rate, locations, r, **(options or {}))
     return total_macs(shape, config) / 1e9
 
 
@@ -71,7 +72,7 @@ def _unreachable(method: str, target: float, smallest: float, full: float, how: 
 
 
 def solve_keep_rate(model, method: str, budget: float | None = None, gmacs: float | None = None,
-                    locations: Sequence[int] = DEFAULT_LOCATIONS, img_size=None) -> float:
+                    locations: Sequence[int] = DEFAULT_LOCATIONS, img_size=None, options: dict | None = None) -> float:
     """The keep rate (the same at every location, the paper's schedule) for ``method`` that meets a budget.
 
     Returns the rate whose analytic GMACs is the **largest not exceeding** the target (never above it), written
@@ -79,7 +80,8 @@ def solve_keep_rate(model, method: str, budget: float | None = None, gmacs: floa
     model already fits. ``model`` is a timm ViT, its timm name or a ViTShape.
 
     Raises InvalidArgumentError naming the smallest reachable GMACs when even keeping one patch token per location
-    costs more than the target.
+    costs more than the target. ``options``: further keywords of :func:`tpsvit.patch` that change the token counts
+    (the squeeze options).
     """
     get_method(method)
     shape = model_shape(model, img_size)
@@ -87,10 +89,10 @@ def solve_keep_rate(model, method: str, budget: float | None = None, gmacs: floa
     locations = tuple(locations)
 
     def cost(rate: float) -> float:
-        return schedule_gmacs(shape, method, rate, locations)
+        return schedule_gmacs(shape, method, rate, locations, options=options)
 
     def schedule(rate: float):
-        config = make_config(method, shape.depth, shape.num_prefix_tokens, rate, locations)
+        config = make_config(method, shape.depth, shape.num_prefix_tokens, rate, locations, **(options or {}))
         return config.patch_tokens_per_block(shape.num_patches)
 
     if cost(1.0) <= target:

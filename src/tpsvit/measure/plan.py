@@ -160,7 +160,7 @@ def _solve_r(shape, target: float, locations: tuple[int, ...]) -> int | None:
 
 
 def plan(model: nn.Module, method: str, budget: float, data, *, batch_size: int = 256, img_size=None,
-         fixed_locations=DEFAULT_LOCATIONS) -> Schedule:
+         fixed_locations=DEFAULT_LOCATIONS, options: dict | None = None) -> Schedule:
     """The best schedule of ``method`` for a GMACs ``budget`` (fraction of the unpatched model's), by calibration top-1.
 
     Args:
@@ -171,6 +171,8 @@ def plan(model: nn.Module, method: str, budget: float, data, *, batch_size: int 
         data: calibration images: ``(images, labels)`` tensors or an iterable of ``(images, labels)`` batches, from the
             training split (a few hundred to a few thousand images).
         fixed_locations: the paper's schedule, always a candidate, which wins ties.
+        options: further keywords of :func:`tpsvit.patch` every candidate gets (e.g. the squeeze options); they
+            enter its GMACs too. The returned schedule's ``patch_kwargs()`` leaves them out: pass them again.
 
     Returns a :class:`Schedule`; prints nothing. Raises InvalidArgumentError when no family meets the budget.
     """
@@ -205,12 +207,12 @@ def plan(model: nn.Module, method: str, budget: float, data, *, batch_size: int 
                     continue
             else:
                 try:
-                    rate = solve_keep_rate(shape, spec.name, gmacs=target, locations=locations)
+                    rate = solve_keep_rate(shape, spec.name, gmacs=target, locations=locations, options=options)
                 except InvalidArgumentError:
                     continue  # this family cannot reach the budget
             kwargs = {"r": r} if r is not None else {"keep_rate": rate}
-            gmacs = schedule_gmacs(shape, spec.name, locations=locations, **kwargs)
-            patch(model, spec.name, locations=locations, **kwargs)
+            gmacs = schedule_gmacs(shape, spec.name, locations=locations, options=options, **kwargs)
+            patch(model, spec.name, locations=locations, **kwargs, **(options or {}))
             candidate = Candidate(family, locations, rate, r, gmacs, _top1(model, batches, device))
             scored.append(candidate)
             if locations == fixed_key:

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from tpsvit.data.datasets import (
-    CLUTTERED_NAMES,
+    EMBEDDED_NAMES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
-    FASHION_MNIST_NAMES,
     FASHION_MNIST_STD,
     ClutteredFashionMNIST,
     FashionMNIST,
@@ -187,7 +186,7 @@ class DataBundle:
 
 
 def _is_fashion_mnist(data: str) -> bool:
-    if data.lower() in FASHION_MNIST_NAMES + CLUTTERED_NAMES:
+    if data.lower() in EMBEDDED_NAMES:
         return True
     path = Path(data).expanduser()
     if not path.is_dir():
@@ -248,15 +247,15 @@ class RawData:
 
 def find_data(cfg) -> RawData:
     """Open the datasets of ``cfg.data`` and check they hold images (before any model is built)."""
-    if cfg.data.lower() not in FASHION_MNIST_NAMES + CLUTTERED_NAMES and not Path(cfg.data).expanduser().exists():
+    if cfg.data.lower() not in EMBEDDED_NAMES and not Path(cfg.data).expanduser().exists():
         raise DatasetError(f"--data {cfg.data!r} does not exist; expected 'fashion-mnist', 'fashion-mnist-cluttered', "
-                           "a Fashion-MNIST IDX folder or an ImageFolder root (root/<class>/<image> or root/train, "
-                           "root/val)")
+                           "'fashion-mnist-textures', a Fashion-MNIST IDX folder or an ImageFolder root "
+                           "(root/<class>/<image> or root/train, root/val)")
     if _is_fashion_mnist(cfg.data):
         if cfg.augment == "deit":
             raise InvalidArgumentError("augment=deit needs an ImageFolder dataset; Fashion-MNIST takes augment=fmnist "
                                        "(crop + flip on tensors) or none")
-        named = cfg.data.lower() in FASHION_MNIST_NAMES + CLUTTERED_NAMES
+        named = cfg.data.lower() in EMBEDDED_NAMES
         root = None if named else Path(cfg.data).expanduser()
         kind = embedded_dataset(cfg.data) if named else FashionMNIST
         train_set = kind(root, train=True, limit=cfg.limit)

@@ -53,7 +53,8 @@ def token_distillation(student_tokens: Tensor, teacher_tokens: Tensor, *, policy
     Args:
         student_tokens: (B, N_s, C) final patch tokens of the student (prefix tokens removed).
         teacher_tokens: (B, N, C) final patch tokens of the unpruned teacher.
-        policy: masked path: (B, N) keep mask of the student's full-length sequence (patch tokens only).
+        policy: masked path: (B, N) keep mask of the student's full-length sequence (patch tokens only; tokens
+            appended after the grid, the similarity floor's fused ones, are skipped).
         positions: gather path: (B, N_s) original grid index of each student token (-1: not a grid token, skipped).
         With neither, the student is unpruned and every token is compared.
     """
@@ -61,6 +62,8 @@ def token_distillation(student_tokens: Tensor, teacher_tokens: Tensor, *, policy
     if policy is not None:
         # The mask only selects tokens: a gradient through it would teach the predictor to keep the tokens that are
         # easiest to match (background), not the ones that matter.
+        grid = teacher_tokens.shape[1]
+        student_tokens, policy = student_tokens[:, :grid], policy[:, :grid]
         weight = policy.detach().to(student_tokens.dtype)
         target = teacher_tokens
     elif positions is not None:

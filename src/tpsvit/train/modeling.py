@@ -47,18 +47,33 @@ SHIPPED = "shipped"  # checkpoint value: the base model shipped with tpsvit for 
 
 
 def start_checkpoint(cfg) -> str | None:
-    """The starting checkpoint file of ``cfg``: ``checkpoint: shipped`` is the shipped base model of the mini-DeiT's
-    dataset (``tpsvit.io.assets.demo_checkpoint``; for a transformers model, its own weights), anything else is taken
-    as given."""
+    """The starting checkpoint file of ``cfg``: ``checkpoint: shipped`` is the shipped base model of the recipe's
+    embedded dataset (``tpsvit.io.assets.demo_checkpoint``; when ``data`` is not one, the mini-DeiT's dataset; for a
+    transformers model, its own weights), ``shipped:DATA`` the one shipped for the embedded dataset DATA (a warm
+    start from another testbed's model, e.g. ``shipped:fashion-mnist-cluttered``); anything else is taken as given."""
     from tpsvit.io.hf_loading import is_hf_source
 
-    if cfg.checkpoint != SHIPPED:
+    if cfg.checkpoint != SHIPPED and not str(cfg.checkpoint or "").startswith(SHIPPED + ":"):
         return cfg.checkpoint
-    if is_hf_source(cfg.model):
-        return None
-    from tpsvit.io.assets import demo_checkpoint
+    from tpsvit.data.datasets import embedded_name
+    from tpsvit.io.assets import DEMO_MODELS, demo_checkpoint
+    from tpsvit.io.loading import checkpoint_metadata
     from tpsvit.io.models import MINI_DEIT, MINI_DEIT_CLUTTERED
 
+    if str(cfg.checkpoint).startswith(SHIPPED + ":"):
+        named = str(cfg.checkpoint)[len(SHIPPED) + 1:]
+        data = embedded_name(named)
+        if data not in DEMO_MODELS:
+            raise InvalidArgumentError(f"checkpoint {cfg.checkpoint!r}: {named!r} has no shipped base model; "
+                                       f"allowed: {', '.join(SHIPPED + ':' + d for d in DEMO_MODELS)}")
+        return str(demo_checkpoint(None, data))
+    if is_hf_source(cfg.model):
+        return None
+    data = embedded_name(cfg.data) if cfg.data else None
+    if data in DEMO_MODELS:
+        path = demo_checkpoint(None, data)
+        if checkpoint_metadata(path).get("model") == cfg.model:
+            return str(path)
     data = {MINI_DEIT: "fashion-mnist", MINI_DEIT_CLUTTERED: "fashion-mnist-cluttered"}.get(cfg.model)
     if data is None:
         raise InvalidArgumentError(f"checkpoint {SHIPPED!r} is the shipped {MINI_DEIT} or {MINI_DEIT_CLUTTERED}, not "
@@ -140,8 +155,21 @@ def _solve_budget(cfg, model) -> dict:
     img_size = cfg.img_size
     if cfg.method == "tome" and cfg.r is not None:
         return {"keep_rate": 1.0, "r": solve_tome_r(model, budget=cfg.budget, img_size=img_size)}
-    rate = solve_keep_rate(model, cfg.method, budget=cfg.budget, locations=tuple(cfg.locations), img_size=img_size)
+    rate = solve_keep_rate(model, cfg.method, budget=cfg.budget, locations=tuple(cfg.locations), img_size=img_size,
+                           options=squeeze_options(cfg))
     return {"keep_rate": rate, "r": None}
+
+
+def squeeze_options(cfg) -> dict:
+    """The config's squeeze keywords of :func:`tpsvit.patch` that differ from the paper's ({} when none do)."""
+    out = {"temperature": cfg.temperature} if cfg.temperature != 1.0 else {}
+    if cfg.squeeze_floor is not None:
+        out.update(squeeze_floor=cfg.squeeze_floor, squeeze_floor_action=cfg.squeeze_floor_action)
+    elif cfg.squeeze_floor_action != "drop":
+        out["squeeze_floor_action"] = cfg.squeeze_floor_action  # refused by patch with the reason
+    if cfg.squeeze_weighting != "similarity":
+        out["squeeze_weighting"] = cfg.squeeze_weighting
+    return out
 
 
 def apply_method(model: nn.Module, cfg) -> nn.Module:
@@ -151,7 +179,8 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
     amount = _solve_budget(cfg, model) if cfg.budget is not None else {"keep_rate": cfg.keep_rate, "r": cfg.r}
     if cfg.keep_rate_anneal_epochs and amount["r"] is not None:
         raise InvalidArgumentError("keep_rate_anneal_epochs works with keep_rate, not with ToMe's r")
-    return tpsvit.patch(model, cfg.method, locations=tuple(cfg.locations), scorer=cfg.scorer, **amount)
+    return tpsvit.patch(model, cfg.method, locations=tuple(cfg.locations), scorer=cfg.scorer, **amount,
+                        **squeeze_options(cfg))
 
 
 def _teacher(cfg, start: nn.Module, trained: bool, notes: list) -> nn.Module | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from tpsvit.core.config import FLOOR_ACTIONS, SQUEEZE_WEIGHTINGS
 from tpsvit.errors import InvalidArgumentError
 
 METHOD_NAMES = ("none", "etps", "dtps", "evit", "dynamicvit", "tome")
@@ -54,6 +55,10 @@ class TrainConfig:
     schedule: str = "fixed"  # fixed (keep rate solved at locations) | auto (tpsvit.plan on training images; budget)
     calib_images: int = 1000  # schedule auto: the first N training images (un-augmented) calibrate
     scorer: str = "default"  # default | random (random scores: the robustness study's fine-tuned rows)
+    temperature: float = 1.0  # the squeeze's similarity temperature (etps / dtps; the paper's is 1)
+    squeeze_floor: float | None = None  # beyond the paper: a cosine floor in [-1, 1] below which nothing is squeezed
+    squeeze_floor_action: str = "drop"  # beyond the paper: drop | fuse (the tokens below the floor into one token)
+    squeeze_weighting: str = "similarity"  # similarity (the paper) | importance (beyond the paper)
     # data
     data: str | None = None  # 'fashion-mnist', a folder of Fashion-MNIST IDX files, or an ImageFolder root
     train_split: str = "train"  # ImageFolder: sub-folder for training (if present)
@@ -263,6 +268,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice(cfg, "amp", AMP_MODES)
     _choice(cfg, "token_distill_loss", TOKEN_DISTILL_LOSSES)
     _choice(cfg, "scorer", ("default", "random"))
+    _number(cfg, "temperature", low=0, open_low=True)
+    _number(cfg, "squeeze_floor", low=-1, high=1, optional=True)
+    _choice(cfg, "squeeze_floor_action", FLOOR_ACTIONS)
+    _choice(cfg, "squeeze_weighting", SQUEEZE_WEIGHTINGS)
     _choice(cfg, "schedule", ("fixed", "auto"))
     _number(cfg, "calib_images", int, low=1)
     _choice(cfg, "predictor_init", PREDICTOR_INITS)

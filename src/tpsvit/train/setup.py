@@ -18,7 +18,7 @@ from tpsvit.families import Family
 from tpsvit.measure.bench import input_size
 from tpsvit.train.checkpoint import STATE_FILE, load_state, set_rng_state
 from tpsvit.train.losses import classification_loss
-from tpsvit.train.modeling import enable_grad_checkpointing, param_groups, print_notes
+from tpsvit.train.modeling import enable_grad_checkpointing, param_groups, print_notes, squeeze_options
 from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, valid_keys, validate
 from tpsvit.train.schedule import lr_factor
 from tpsvit.train.warm_start import warm_start_predictors
@@ -63,9 +63,10 @@ class SetupMixin:
         images = normalize_uint8(raw.train.images[: cfg.calib_images])  # only the calibration images, not the split
         calib = (resize_and_expand(images, size, chans),
                  raw.train.labels[: cfg.calib_images])
+        options = squeeze_options(cfg)
         schedule = tpsvit.plan(self.model, cfg.method, cfg.budget, data=calib, img_size=cfg.img_size,
-                               fixed_locations=tuple(cfg.locations))
-        tpsvit.patch(self.model, **schedule.patch_kwargs())
+                               fixed_locations=tuple(cfg.locations), options=options)
+        tpsvit.patch(self.model, **schedule.patch_kwargs(), **options)
         if self.info.is_main:
             print(f"tpsvit train: auto schedule {schedule}", file=sys.stderr)
         amount = {"r": schedule.r, "keep_rate": 1.0} if schedule.r is not None else \
