@@ -210,3 +210,28 @@ def test_training_recipe_keys_reach_the_patch_and_the_checkpoint(tmp_path):
         resolve("fmnist-finetune", {"squeeze_floor": 2})
     with pytest.raises(InvalidArgumentError, match="squeeze_weighting"):
         resolve("fmnist-finetune", {"squeeze_weighting": "score"})
+
+
+def test_options_compile_fullgraph(images):
+    model = tpsvit.patch(tiny_vit(), "etps", keep_rate=0.5, locations=(1, 3), squeeze_floor=0.3,
+                         squeeze_floor_action="fuse", squeeze_weighting="importance")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break is an error
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_flags_reach_the_squeezing_rows(tmp_path, capsys):
+    from tpsvit.cli import main
+
+    assert main(["flops", "--model", "deit_small_patch16_224", "--methods", "etps", "evit", "--budget", "0.35",
+                 "--squeeze-floor", "0.2", "--squeeze-floor-action", "fuse", "--temperature", "0.5",
+                 "--json", str(tmp_path / "f.json")]) == 0
+    import json
+
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    etps, evit = rows[1], rows[2]
+    assert etps["options"] == {"temperature": 0.5, "squeeze_floor": 0.2, "squeeze_floor_action": "fuse"}
+    assert evit["options"] == {} and etps["gmacs"] <= 0.35 * rows[0]["gmacs"]
+    assert etps["tokens_out"] == evit["tokens_out"]  # both carry one extra token per location
+    assert main(["flops", "--model", "deit_small_patch16_224", "--methods", "evit", "--squeeze-floor", "0.2"]) == 2
+    assert "for etps / dtps" in capsys.readouterr().err

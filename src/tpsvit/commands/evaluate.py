@@ -250,7 +250,8 @@ def auto_variant(base, variant: Variant, budget: float, calib, what: str, batch_
     from tpsvit.measure.plan import plan
 
     try:
-        schedule = plan(base, variant.method, budget, data=calib, batch_size=batch_size, img_size=img_size)
+        schedule = plan(base, variant.method, budget, data=calib, batch_size=batch_size, img_size=img_size,
+                        options=dict(variant.options))
     except InvalidArgumentError as err:
         if not get_method(variant.method).learned:
             raise

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 from typing import TYPE_CHECKING
 
-from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments
+from tpsvit.commands.options import DEFAULT_MODEL, add_model_arguments, add_variant_arguments, squeeze_options_of
 from tpsvit.core.config import DEFAULT_LOCATIONS
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
             keep_rates = [own.keep_rate[0] if len(set(own.keep_rate)) == 1 else own.keep_rate]
         else:
             keep_rates = [0.7]
-    return plan_variants(base, methods, keep_rates, args.r or (), locations, args.budget, args.gmacs, args.img_size)
+    return plan_variants(base, methods, keep_rates, args.r or (), locations, args.budget, args.gmacs, args.img_size,
+                         options=squeeze_options_of(args))
 
 
 def with_scorer(variants: list[Variant], scorer: str) -> list[Variant]:

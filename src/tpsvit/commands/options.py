@@ -41,3 +41,21 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run each method at this fraction of the unpatched GMACs (e.g. 0.35); the keep "
                              "rate (ToMe: r) is solved analytically")
     budget.add_argument("--gmacs", type=float, metavar="G", help="also run each method at this many GMACs (e.g. 1.6)")
+    squeeze = parser.add_argument_group("squeeze options of etps / dtps (beyond the paper unless noted; `tpsvit "
+                                        "calibrate` chooses them on training images)")
+    squeeze.add_argument("--temperature", type=float, metavar="T",
+                         help="similarity temperature of the squeeze (the paper's: 1)")
+    squeeze.add_argument("--squeeze-floor", type=float, metavar="TAU",
+                         help="a pruned token whose best host has cosine < TAU is not squeezed (default: off)")
+    squeeze.add_argument("--squeeze-floor-action", choices=("drop", "fuse"),
+                         help="what a token below the floor does: drop it (default) or fuse the ones below into "
+                              "one extra token (EViT's rule)")
+    squeeze.add_argument("--squeeze-weighting", choices=("similarity", "importance"),
+                         help="donor weights: similarity (the paper) or importance (x n * the donor's importance "
+                              "share)")
+
+
+def squeeze_options_of(args: argparse.Namespace) -> dict:
+    """The squeeze keywords of :func:`tpsvit.patch` given on the command line ({} when none is)."""
+    names = ("temperature", "squeeze_floor", "squeeze_floor_action", "squeeze_weighting")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

@@ -140,7 +140,8 @@ class Variant:
     """One row of a comparison: the unpatched model (``method=None``) or one patch.
 
     ``locations=None`` with ``r`` set means ToMe's r in every block. ``budget`` records the budget it was solved for.
-    ``scorer="random"`` replaces the method's scorer by random scores (robustness rows).
+    ``scorer="random"`` replaces the method's scorer by random scores (robustness rows). ``options``: further
+    keywords of :func:`tpsvit.patch` as (name, value) pairs (the squeeze options of etps / dtps).
     """
 
     method: str | None = None
@@ -149,6 +150,7 @@ class Variant:
     locations: tuple[int, ...] | None = DEFAULT_LOCATIONS
     budget: str | None = None
     scorer: str = "default"
+    options: tuple = ()
 
     @property
     def label(self) -> str:
@@ -159,7 +161,8 @@ class Variant:
         where = "" if self.locations in (None, DEFAULT_LOCATIONS) else f" @{','.join(map(str, self.locations))}"
         budget = f" [{self.budget}]" if self.budget else ""
         scorer = " (random scores)" if self.scorer != "default" else ""
-        return f"{self.method}{scorer} {amount}{where}{budget}"
+        options = "".join(f" {k}={v}" for k, v in self.options)
+        return f"{self.method}{scorer}{options} {amount}{where}{budget}"
 
     @property
     def amount(self) -> str:
@@ -184,6 +187,7 @@ class Variant:
         kwargs = {"method": self.method}
         if self.scorer != "default":
             kwargs["scorer"] = self.scorer
+        kwargs.update(self.options)
         if self.r is not None:
             kwargs["r"] = self.r
             kwargs["locations"] = self.locations if self.locations is not None else DEFAULT_LOCATIONS
@@ -205,20 +209,26 @@ class Variant:
         rate = list(self.keep_rate) if isinstance(self.keep_rate, tuple) else self.keep_rate
         return {"label": self.label, "method": self.method, "keep_rate": rate, "r": self.r,
                 "locations": None if self.locations is None else list(self.locations), "blocks": self.blocks,
-                "budget": self.budget, "scorer": self.scorer}
+                "budget": self.budget, "scorer": self.scorer, "options": dict(self.options)}
 
 
 def plan_variants(model, methods: Sequence[str] = ("etps",), keep_rates: Sequence[float] = (0.7,),
                   rs: Sequence[int] = (), locations: Sequence[int] = DEFAULT_LOCATIONS, budget: float | None = None,
-                  gmacs: float | None = None, img_size=None, unpatched: bool = True) -> list[Variant]:
+                  gmacs: float | None = None, img_size=None, unpatched: bool = True,
+                  options: dict | None = None) -> list[Variant]:
     """The rows of a comparison: unpatched, then every method x keep rate, ToMe at each r, and each method at the
-    budget (keep rate solved at ``locations``; ToMe's r solved for every block)."""
+    budget (keep rate solved at ``locations``; ToMe's r solved for every block). ``options`` (the squeeze options
+    of :func:`tpsvit.patch`) go to the squeezing methods' rows (etps, dtps) and into their budget solve."""
     locations = tuple(locations)
     methods = [get_method(m).name for m in methods]
+    if options and not any(get_method(m).reducer == "squeeze" for m in methods):
+        raise InvalidArgumentError(f"the squeeze options {', '.join(options)} are for etps / dtps; add one of them "
+                                   "to the methods")
     rows = [Variant()] if unpatched else []
     for method in methods:
+        own = tuple(options.items()) if options and get_method(method).reducer == "squeeze" else ()
         rows += [Variant(method, keep_rate=tuple(map(float, rate)) if isinstance(rate, (tuple, list)) else float(rate),
-                         locations=locations) for rate in keep_rates]
+                         locations=locations, options=own) for rate in keep_rates]
         if method == "tome":
             rows += [Variant("tome", r=int(r), locations=None) for r in rs]
     if rs and "tome" not in methods:
@@ -229,6 +239,7 @@ def plan_variants(model, methods: Sequence[str] = ("etps",), keep_rates: Sequenc
             if method == "tome":
                 rows.append(Variant("tome", r=solve_tome_r(model, budget, gmacs, img_size), locations=None, budget=tag))
             else:
-                rate = solve_keep_rate(model, method, budget, gmacs, locations, img_size)
-                rows.append(Variant(method, keep_rate=rate, locations=locations, budget=tag))
+                own = tuple(options.items()) if options and get_method(method).reducer == "squeeze" else ()
+                rate = solve_keep_rate(model, method, budget, gmacs, locations, img_size, options=dict(own))
+                rows.append(Variant(method, keep_rate=rate, locations=locations, budget=tag, options=own))
     return rows
