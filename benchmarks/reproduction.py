@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
     p.add_argument("--json", help="save the results here (after every run; rerunning resumes)")
     p.add_argument("--plot", help="save fine-tuned accuracy vs GMACs here")
+    p.add_argument("--markdown", help="with --from-json: also write the table as markdown here")
     p.add_argument("--from-json", nargs="+", metavar="JSON", help="no runs: merge saved results, print, plot")
     return p.parse_args(argv)
 
@@ -293,6 +294,16 @@ def table_rows(runs: dict) -> list[dict]:
     return rows
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The table of :func:`table_rows` in markdown (GMACs to 4 digits)."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---|---|---|---|---:|---:|---:|"]
+    for row in rows:
+        cells = [format(row.get(key), spec) if spec and row.get(key) is not None else str(row.get(key) or "")
+                 for key, _, spec in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str, data: str) -> None:
     """Fine-tuned top-1 (mean over seeds) vs GMACs, one line per method, the unpatched model as a star."""
     points = [{"method": None, "gmacs": rows[0]["gmacs"], "top1": rows[0]["shelf_values"][0]}]
@@ -307,6 +318,9 @@ def merge(args) -> int:
     runs = {k: v for rep in reports for k, v in rep["runs"].items()}
     rows = table_rows(runs)
     print(format_table(rows, COLUMNS))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_table(rows) + "\n")
     if args.json:
         _save(args.json, {"sources": args.from_json, "runs": runs, "rows": rows,
                           "args": [rep.get("args") for rep in reports]})
