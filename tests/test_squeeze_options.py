@@ -235,3 +235,19 @@ def test_cli_flags_reach_the_squeezing_rows(tmp_path, capsys):
     assert etps["tokens_out"] == evit["tokens_out"]  # both carry one extra token per location
     assert main(["flops", "--model", "deit_small_patch16_224", "--methods", "evit", "--squeeze-floor", "0.2"]) == 2
     assert "for etps / dtps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["dinov3", "rope_mixed"])
+def test_rotary_models_take_the_fused_token_on_both_paths(variant, images):
+    from test_eva import tiny_eva
+
+    model = tpsvit.patch(tiny_eva(variant), "dtps", keep_rate=0.5, locations=(1, 3), squeeze_floor=0.3,
+                         squeeze_floor_action="fuse")
+    with torch.no_grad():
+        for param in model.tps_predictors.parameters():
+            param.normal_(0.0, 0.5)
+        gather = model(images)
+        model._tps_runtime.force_masked = True
+        masked = model(images)
+    assert tpsvit.forward_state(model).extra == 2  # one fused token per location, identity rotation
+    torch.testing.assert_close(masked, gather, atol=1e-5, rtol=1e-5)
