@@ -11,6 +11,12 @@ Learned methods (dtps, dynamicvit) get the predictor options given (``--predicto
     python benchmarks/reproduction.py --seeds 1 --json outputs/repro_seed1.json   # two side by side, --threads 1
     python benchmarks/reproduction.py --from-json outputs/repro_seed*.json --plot docs/images/reproduction.png
 
+``--option LABEL:KEY=VALUE,...`` adds rows of a squeezing method (``--option-methods``, etps) with squeeze options
+beyond the paper (keys of :func:`tpsvit.patch` and the recipe: squeeze_floor, squeeze_floor_action, squeeze_weighting,
+temperature; choose them with ``tpsvit calibrate`` on training images), the keep rate solved with the options at the
+same budget. ``--finetune-auto`` also fine-tunes the methods without predictors at the schedule :func:`tpsvit.plan`
+picks on training images (rows "(best schedule)").
+
 ``--json`` is rewritten after every run and a rerun with the same file skips the runs it holds (an interrupted
 reproduction resumes). ``--eval-on calibration`` evaluates on held-out *training* images instead of the test set
 (for choosing options without looking at the test set).
@@ -34,7 +40,7 @@ from tpsvit.core.methods import METHODS, get_method
 from tpsvit.data.datasets import embedded_dataset
 from tpsvit.io.assets import demo_checkpoint
 from tpsvit.io.loading import load_model
-from tpsvit.measure.budget import Variant, plan_variants
+from tpsvit.measure.budget import Variant, plan_variants, solve_keep_rate
 from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs
 from tpsvit.train import train
 from tpsvit.train.recipe import parse_set, resolve
@@ -42,6 +48,7 @@ from tpsvit.train.recipe import parse_set, resolve
 RECIPES = {"fashion-mnist-cluttered": "cluttered-finetune", "fashion-mnist-textures": "textures-finetune",
            "fashion-mnist": "fmnist-finetune"}
 SCORER_ORDER = ("default", "auto", "random")  # row order within a budget: fixed schedule, best schedule, random
+OPTION_KEYS = ("squeeze_floor", "squeeze_floor_action", "squeeze_weighting", "temperature")
 CALIBRATION = slice(50_000, 60_000)  # training images never used by the fine-tunes (--train-limit <= 50,000)
 COLUMNS = [("method", "method", ""), ("budget", "budget", ""), ("amount", "keep / r", ""), ("blocks", "blocks", ""),
            ("gmacs", "GMACs", ".4g"),
@@ -56,6 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--random", nargs="*", default=["etps"], choices=[m for m in METHODS if m != "tome"],
                    help="methods that also get random-score rows (default: etps, i.e. random squeeze)")
+    p.add_argument("--option", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
+                   help="rows with squeeze options (beyond the paper), e.g. floor-fuse:squeeze_floor=0.2,"
+                        "squeeze_floor_action=fuse; repeatable")
+    p.add_argument("--option-methods", nargs="+", default=["etps"], choices=["etps", "dtps"],
+                   help="the squeezing methods that get the --option rows")
+    p.add_argument("--finetune-auto", action="store_true",
+                   help="fine-tune the best-schedule rows too (methods without predictors), every seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per run (shared recipe)")
     p.add_argument("--train-limit", type=int, default=12000, help="training images per fine-tune epoch")
@@ -72,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
     p.add_argument("--json", help="save the results here (after every run; rerunning resumes)")
     p.add_argument("--plot", help="save fine-tuned accuracy vs GMACs here")
+    p.add_argument("--markdown", help="with --from-json: also write the table as markdown here")
     p.add_argument("--from-json", nargs="+", metavar="JSON", help="no runs: merge saved results, print, plot")
     return p.parse_args(argv)
 
@@ -90,11 +105,35 @@ def run_key(variant: Variant, scorer: str, seed: int) -> str:
     return f"{variant.label}|{scorer}|seed{seed}"
 
 
-def fine_tune(args, variant: Variant, scorer: str, seed: int, depth: int) -> torch.nn.Module:
-    """One run of the shared recipe for a variant of a ``depth``-block model; returns the fine-tuned model."""
-    tag = f"{variant.method}{'-random' if scorer == 'random' else ''}-{variant.budget.split()[0].rstrip('%')}"
+def parse_options(items: list[str]) -> dict[str, dict]:
+    """``LABEL:KEY=VALUE,...`` items -> {label: {key: value}} (numbers as floats, ``none`` as None)."""
+    out = {}
+    for item in items:
+        label, _, rest = item.partition(":")
+        if not label or not rest or label in SCORER_ORDER:
+            raise SystemExit(f"--option {item!r}: expected LABEL:KEY=VALUE,... with a new label")
+        options = {}
+        for pair in rest.split(","):
+            key, _, value = pair.partition("=")
+            if key not in OPTION_KEYS:
+                raise SystemExit(f"--option {item!r}: unknown key {key!r}; allowed: {', '.join(OPTION_KEYS)}")
+            try:
+                options[key] = None if value.lower() == "none" else float(value)
+            except ValueError:
+                options[key] = value
+        out[label] = options
+    return out
+
+
+def fine_tune(args, variant: Variant, scorer: str, seed: int, depth: int, options: dict | None = None,
+              tag_suffix: str = "") -> torch.nn.Module:
+    """One run of the shared recipe for a variant of a ``depth``-block model (with squeeze ``options``, and the
+    recipe's scorer ``default`` for them); returns the fine-tuned model."""
+    suffix = tag_suffix or ("-random" if scorer == "random" else "")
+    tag = f"{variant.method}{suffix}-{variant.budget.split()[0].rstrip('%')}"
     overrides = {"checkpoint": args.checkpoint, "method": variant.method,
-                 "locations": list(variant.locations or range(depth)), "epochs": args.epochs, "scorer": scorer,
+                 "locations": list(variant.locations or range(depth)), "epochs": args.epochs,
+                 "scorer": scorer if scorer in ("default", "random") else "default", **(options or {}),
                  "limit": args.train_limit, "val_limit": 500, "seed": seed, "threads": args.threads,
                  "out": f"{args.out}/{tag}-seed{seed}", "predictor_init": args.predictor_init,
                  "predictor_loss": args.predictor_loss, **parse_set(args.set)}
@@ -132,24 +171,32 @@ def main(argv=None) -> int:
                gmacs=tpsvit.gmacs(base))
     variants = [v for b in args.budgets for v in plan_variants(base, args.methods, keep_rates=(), budget=b,
                                                                unpatched=False)]
-    jobs = [(v, "default") for v in variants] + [
-        (Variant(v.method, v.keep_rate, v.r, v.locations, v.budget, "random"), "random")
+    jobs = [(v, "default", None) for v in variants] + [
+        (Variant(v.method, v.keep_rate, v.r, v.locations, v.budget, "random"), "random", None)
         for v in variants if v.method in args.random]
-    for variant, scorer in jobs:
+    for label, options in parse_options(args.option).items():
+        for v in variants:
+            if v.method in args.option_methods:
+                budget = float(v.budget.split("%")[0]) / 100
+                rate = solve_keep_rate(base, v.method, budget=budget, locations=v.locations, options=options)
+                jobs.append((Variant(v.method, rate, None, v.locations, v.budget), label, options))
+    for variant, scorer, options in jobs:
         learned = get_method(variant.method).learned
         for seed in args.seeds:
             key = run_key(variant, scorer, seed)
             if key in runs:
                 continue
             values = {"method": variant.method, "scorer": scorer, "seed": seed, "budget": variant.budget,
-                      "amount": variant.amount, "keep_rate": variant.keep_rate, "r": variant.r}
-            shelf = variant.apply(copy.deepcopy(base))
+                      "amount": variant.amount, "keep_rate": variant.keep_rate, "r": variant.r,
+                      **({"options": options} if options else {})}
+            shelf = tpsvit.patch(copy.deepcopy(base), **variant.patch_kwargs(), **(options or {}))
             values["gmacs"] = tpsvit.gmacs(shelf)
             if not learned or scorer == "random":
                 torch.manual_seed(seed)
                 values["off_the_shelf"] = evaluate_many({"m": shelf}, data, batch_size=500, progress=False)["m"]["top1"]
             if not args.no_finetune:
-                tuned = fine_tune(args, variant, scorer, seed, len(base.blocks)).eval()
+                suffix = f"-{scorer}" if options else ""
+                tuned = fine_tune(args, variant, scorer, seed, len(base.blocks), options, suffix).eval()
                 torch.manual_seed(seed)
                 values["fine_tuned"] = evaluate_many({"m": tuned}, data, batch_size=500, progress=False)["m"]["top1"]
             record(key, **values)
@@ -165,21 +212,33 @@ def main(argv=None) -> int:
 
 
 def auto_rows(args, base, variants, data, runs: dict, record) -> None:
-    """Off-the-shelf rows at the best schedule :func:`tpsvit.plan` finds on training images, per method and budget."""
+    """Rows at the best schedule :func:`tpsvit.plan` finds on training images, per method and budget (methods without
+    predictors): off-the-shelf, and with ``--finetune-auto`` fine-tuned once per seed."""
     kind = embedded_dataset(args.data)
     calib = kind(train=True, limit=args.calib_images).tensors()
     for variant in variants:
         key = f"{variant.label}|auto"
-        if get_method(variant.method).learned or key in runs:
+        tuned_keys = [f"{key}|seed{seed}" for seed in args.seeds] if args.finetune_auto and not args.no_finetune else []
+        if get_method(variant.method).learned or (key in runs and all(k in runs for k in tuned_keys)):
             continue
         budget = float(variant.budget.split("%")[0]) / 100
         schedule = tpsvit.plan(base, variant.method, budget, data=calib)
         model = tpsvit.patch(copy.deepcopy(base), **schedule.patch_kwargs())
         top1 = evaluate_many({"m": model}, data, batch_size=500, progress=False)["m"]["top1"]
         amount = f"r={schedule.r}" if schedule.r is not None else f"{schedule.keep_rate:g}"
-        record(key, method=variant.method, scorer="auto", seed=0, budget=variant.budget, amount=amount,
-               keep_rate=schedule.keep_rate, r=schedule.r, gmacs=tpsvit.gmacs(model), off_the_shelf=top1,
-               schedule=schedule.as_dict(), blocks=",".join(map(str, schedule.locations)))
+        values = dict(method=variant.method, scorer="auto", seed=0, budget=variant.budget, amount=amount,
+                      keep_rate=schedule.keep_rate, r=schedule.r, gmacs=tpsvit.gmacs(model), off_the_shelf=top1,
+                      schedule=schedule.as_dict(), blocks=",".join(map(str, schedule.locations)))
+        if key not in runs:
+            record(key, **values)
+        planned = Variant(variant.method, schedule.keep_rate, schedule.r, tuple(schedule.locations), variant.budget)
+        for seed, tuned_key in zip(args.seeds, tuned_keys, strict=True):
+            if tuned_key in runs:
+                continue
+            tuned = fine_tune(args, planned, "default", seed, len(base.blocks), tag_suffix="-auto").eval()
+            torch.manual_seed(seed)
+            fine = evaluate_many({"m": tuned}, data, batch_size=500, progress=False)["m"]["top1"]
+            record(tuned_key, **{**values, "seed": seed, "fine_tuned": fine})
 
 
 def _load(path: str | None) -> dict | None:
@@ -217,19 +276,32 @@ def table_rows(runs: dict) -> list[dict]:
     rows = [{"method": "unpatched", "budget": "100%", "amount": "", "gmacs": runs["unpatched"]["gmacs"],
              "shelf": f"{runs['unpatched']['top1']:.2f}", "tuned": "", "shelf_values": [runs["unpatched"]["top1"]],
              "tuned_values": []}]
+    def rank(scorer: str) -> int:  # fixed schedule, best schedule, option rows, random
+        return SCORER_ORDER.index(scorer) if scorer in ("default", "auto") else (3 if scorer == "random" else 2)
+
     for (budget, method, scorer), group in sorted(
-            groups.items(), key=lambda kv: (-float(kv[0][0].split("%")[0]), SCORER_ORDER.index(kv[0][2]),
-                                            order[kv[0][1]])):
+            groups.items(), key=lambda kv: (-float(kv[0][0].split("%")[0]), rank(kv[0][2]), order[kv[0][1]],
+                                            kv[0][2])):
         group.sort(key=lambda r: r["seed"])
         shelf = [r["off_the_shelf"] for r in group if r.get("off_the_shelf") is not None]
         tuned = [r["fine_tuned"] for r in group if r.get("fine_tuned") is not None]
-        suffix = {"random": " (random)", "auto": " (best schedule)"}.get(scorer, "")
+        suffix = {"default": "", "random": " (random)", "auto": " (best schedule)"}.get(scorer, f" [{scorer}]")
         rows.append({"method": method + suffix, "budget": budget.split()[0],
                      "amount": group[0]["amount"], "blocks": group[0].get("blocks", _blocks(group[0])),
                      "gmacs": group[0]["gmacs"],
                      "shelf": _mean_and_values(shelf) or "(needs training)", "tuned": _mean_and_values(tuned),
                      "shelf_values": shelf, "tuned_values": tuned, "seeds": [r["seed"] for r in group]})
     return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The table of :func:`table_rows` in markdown (GMACs to 4 digits)."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---|---|---|---|---:|---:|---:|"]
+    for row in rows:
+        cells = [format(row.get(key), spec) if spec and row.get(key) is not None else str(row.get(key) or "")
+                 for key, _, spec in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str, data: str) -> None:
@@ -246,6 +318,9 @@ def merge(args) -> int:
     runs = {k: v for rep in reports for k, v in rep["runs"].items()}
     rows = table_rows(runs)
     print(format_table(rows, COLUMNS))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_table(rows) + "\n")
     if args.json:
         _save(args.json, {"sources": args.from_json, "runs": runs, "rows": rows,
                           "args": [rep.get("args") for rep in reports]})

@@ -40,28 +40,33 @@ def _unit(x: Tensor) -> Tensor:
 def _fuse(hosts: Tensor, donors: Tensor, host_index: Tensor, logits: Tensor, donor_mask: Tensor | None) -> Tensor:
     """Weighted mean of each host (logit 1) and the donors that chose it (their ``logits``), in float32.
 
-    hosts (B, K, C); donors (B, P, C); host_index, logits (B, P); donor_mask (B, P) multiplies the donor weights
-    (it carries the straight-through gradient of the keep decisions in training) or is None.
+    hosts (B, K, C); donors (B, P, C); host_index, logits (B, P) (a non-finite logit: no host); donor_mask (B, P) or
+    None. With a mask m (0/1 values carrying the straight-through gradient of the keep decisions in training), every
+    token with a host weighs ``exp(m * c) * m`` as in the authors' release: the same values as ``exp(c)`` on m = 1 and
+    0 elsewhere, and the release's gradient d/dm = ``exp(c) * (1 + c)`` on m = 1 and 1 on m = 0 (the token's nearest
+    host learns what taking it in would change).
     Returns (fused (B, K, C) float32, number of donors per host (B, K)).
     """
     valid = torch.isfinite(logits)
-    if donor_mask is not None:
-        valid = valid & (donor_mask.detach() > 0)
+    donating = valid if donor_mask is None else valid & (donor_mask.detach() > 0)
     index = host_index.masked_fill(~valid, 0)
     safe_logits = torch.where(valid, logits, torch.zeros_like(logits)).float()
     # Per host, weights are taken relative to the largest logit among itself (1) and its donors: no overflow.
     shift = torch.ones(hosts.shape[:2], dtype=torch.float32, device=hosts.device)
-    shift = shift.scatter_reduce(1, index, torch.where(valid, safe_logits, shift.new_ones(())), "amax").detach()
+    shift = shift.scatter_reduce(1, index, torch.where(donating, safe_logits, shift.new_ones(())), "amax").detach()
     self_weight = torch.exp(1.0 - shift)  # (B, K)
+    if donor_mask is not None:
+        mask = donor_mask.float()
+        safe_logits = safe_logits * mask
     weight = torch.where(valid, torch.exp(safe_logits - shift.gather(1, index)), torch.zeros_like(safe_logits))
     if donor_mask is not None:
-        weight = weight * donor_mask.float()
+        weight = weight * mask
     channels = hosts.shape[-1]
     numer = (self_weight.unsqueeze(-1) * hosts.float()).scatter_add(
         1, index.unsqueeze(-1).expand(-1, -1, channels), weight.unsqueeze(-1) * donors.float()
     )
     denom = self_weight.scatter_add(1, index, weight)
-    count = torch.zeros_like(denom).scatter_add(1, index, valid.float())
+    count = torch.zeros_like(denom).scatter_add(1, index, donating.float())
     return numer / denom.unsqueeze(-1), count
 
 
@@ -142,7 +147,8 @@ def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature:
     Args:
         tokens: (B, N, C) patch tokens (no prefix tokens).
         keep: (B, N) keep decisions after this location, 0/1 values (may carry straight-through gradients).
-        prev_keep: (B, N) keep decisions before this location; tokens with ``prev_keep - keep == 1`` are squeezed now.
+        prev_keep: (B, N) keep decisions before this location; tokens with ``(1 - keep) * prev_keep == 1`` are
+            squeezed now (the release's product form, whose straight-through gradient reaches both masks).
         temperature: similarity temperature.
         floor, log_weight: the options of :func:`squeeze_with_hosts` (beyond the paper); ``log_weight`` is (B, N).
         return_below: also return the (B, N) mask of the tokens pruned now that the floor kept from being squeezed.
@@ -165,7 +171,7 @@ def squeeze_masked(tokens: Tensor, keep: Tensor, prev_keep: Tensor, temperature:
         logits, host = similarity.max(dim=-1)
         below = _below_floor(logits, temperature, floor)
         logits = _with_options(logits, below, log_weight)
-        pruned_now = prev_keep - keep
+        pruned_now = (1.0 - keep) * prev_keep
         fused, _ = _fuse(tokens, tokens, host, logits, pruned_now)
     fused = fused.to(tokens.dtype)
     if not return_below:
