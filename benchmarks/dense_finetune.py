@@ -1,0 +1,177 @@
+"""Dense prediction, setting (b): the backbone and the conv head fine-tuned with the reduction in place.
+
+The same task, heads and test set as ``benchmarks/dense.py`` (setting (a)). Per head seed, a conv head is first
+trained on the unpatched features of the frozen shipped base model (as in setting (a)); then, for every method x
+restore mode x budget, a copy of the base model is patched (blocks 3/6/9, keep rate solved for the GMACs budget; ToMe:
+r in every block) and backbone and head are fine-tuned together on the restored grid: the same steps, images, batch
+order and optimiser for every configuration, the unpatched model included (fine-tuned the same way, so that the
+baseline has had the same training). mIoU over 11 classes on the full test set; GMACs include the head.
+
+    python benchmarks/dense_finetune.py --threads 1 --json benchmarks/results/dense_finetune.json \\
+        --plot docs/images/dense_finetune.png
+
+Rerunning with the same --json resumes: finished configurations are kept and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tpsvit
+from tpsvit.data.segmentation import confusion, miou, segmentation_split
+from tpsvit.io.assets import load_demo_model
+from tpsvit.io.atomic import atomic_write
+from tpsvit.measure.budget import solve_keep_rate, solve_tome_r
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dense import LOCATIONS, ConvHead, _features, _grid, plot, train_head  # noqa: E402
+
+METHODS = ("etps", "evit", "drop", "tome", "etps-random")
+MODES = ("host", "frozen")
+
+
+def patch_for_budget(model, method: str, budget: float) -> dict:
+    """Patch ``model`` in place with ``method`` at ``budget`` of its GMACs; returns the solved keep rate / r."""
+    base = method.removesuffix("-random")
+    if base == "tome":
+        amount = {"r": solve_tome_r(model, budget=budget)}
+        tpsvit.patch(model, "tome", r=amount["r"], locations=tuple(range(len(model.blocks))))
+    else:
+        amount = {"keep_rate": solve_keep_rate(model, base, budget=budget, locations=LOCATIONS)}
+        tpsvit.patch(model, base, locations=LOCATIONS, scorer="random" if method.endswith("-random") else "default",
+                     **amount)
+    return amount
+
+
+def dense_logits(model, head, x: torch.Tensor, mode: str | None, side: int, size) -> torch.Tensor:
+    """Per-pixel logits (B, classes, H, W): features of the (patched) model, restored to the grid by ``mode``."""
+    if mode is None:
+        grid = model.forward_features(x)[:, model.num_prefix_tokens:]
+    else:
+        with tpsvit.tracing(model) as trace:
+            tokens = model.forward_features(x)
+        _, grid = tpsvit.restore(tokens, trace, mode=mode, norm=model.norm if mode == "frozen" else None)
+    return F.interpolate(head(_grid(grid, side)), size=size, mode="bilinear", align_corners=False)
+
+
+def finetune(model, head, mode, images, pixels, steps: int, batch: int, lr: float, seed: int, side: int) -> None:
+    """Backbone and head together, pixel cross-entropy, AdamW with a cosine schedule; batches drawn by ``seed``."""
+    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    model.train(), head.train()
+    torch.manual_seed(seed)  # the random scorer's draws
+    for step in range(steps):
+        idx = order[(step * batch) % len(images):][:batch]
+        loss = F.cross_entropy(dense_logits(model, head, images[idx], mode, side, pixels.shape[-2:]), pixels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval(), head.eval()
+
+
+def evaluate(model, head, mode, images, pixels, batch: int, side: int) -> tuple[float, float]:
+    counts = 0
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            logits = dense_logits(model, head, images[i:i + batch], mode, side, pixels.shape[-2:])
+            counts = counts + confusion(logits.argmax(1), pixels[i:i + batch])
+    return miou(counts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.35])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=("host", "frozen", "zeros"))
+    p.add_argument("--train-images", type=int, default=20000)
+    p.add_argument("--test-images", type=int, default=None, help="default: the full test set (10,000)")
+    p.add_argument("--head-epochs", type=int, default=8, help="epochs of the conv head on frozen unpatched features")
+    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per configuration (same for all)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2.5e-4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="save (after every configuration) and resume from here")
+    p.add_argument("--plot", help="mIoU-vs-GMACs plot (PNG)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.time()
+    saved = {"rows": []}
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            saved = json.load(f)
+    done = {(r["method"], r["budget"], r["mode"], r["seed"]) for r in saved["rows"]}
+    base = load_demo_model()
+    side = base.patch_embed.grid_size[0]
+    train_x, train_pix, _ = segmentation_split(True, limit=args.train_images)
+    test_x, test_pix, _ = segmentation_split(False, limit=args.test_images)
+    head_macs = ConvHead(base.embed_dim, 11).macs(side, side) / 1e9
+    runs = [("unpatched", None, None)] + [(m, b, mode) for m in args.methods for b in args.budgets
+                                           for mode in args.modes]
+    todo = [(run, s) for s in args.seeds for run in runs if (*run, s) not in done]
+    heads, feats = {}, None
+    for run, seed in tqdm(todo, desc="fine-tunes", file=sys.stderr):
+        if seed not in heads:
+            if feats is None:
+                feats = _grid(_features(base, train_x, 500, "train features"), side)
+            heads[seed] = train_head(ConvHead(base.embed_dim, 11), feats, train_pix, args.head_epochs, seed)
+        method, budget, mode = run
+        model, head = copy.deepcopy(base), copy.deepcopy(heads[seed])
+        amount = patch_for_budget(model, method, budget) if method != "unpatched" else None
+        gmacs = tpsvit.gmacs(model) + head_macs
+        t0 = time.time()
+        finetune(model, head, mode, train_x, train_pix, args.steps, args.batch_size, args.lr, seed, side)
+        m, acc = evaluate(model, head, mode, test_x, test_pix, 500, side)
+        saved["rows"].append({"method": method, "budget": budget, "mode": mode, "seed": seed, "miou": m,
+                              "pixel_acc": acc, "gmacs": gmacs, "amount": amount, "train_s": time.time() - t0})
+        saved.update(args=vars(args), threads=args.threads, test_images=len(test_x), table=summarise(saved["rows"]))
+        if args.json:
+            text = json.dumps(saved, indent=1)
+            atomic_write(args.json, lambda tmp, text=text: Path(tmp).write_text(text))
+    saved["table"] = summarise(saved["rows"])
+    print(format_table(saved["table"], len(test_x)))
+    print(f"{time.time() - began:.0f} s, {args.threads} thread(s)")
+    if args.plot:
+        plot(saved["table"], args.plot)
+    return 0
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and per-seed mIoU per method x budget x mode (rows shaped like dense.py's table, head 'conv')."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["budget"], r["mode"] or "-"), []).append(r)
+    return [{"head": "conv", "method": method, "budget": budget, "mode": mode, "gmacs": rs[0]["gmacs"],
+             "miou_mean": sum(r["miou"] for r in rs) / len(rs),
+             "miou_seeds": [r["miou"] for r in sorted(rs, key=lambda r: r["seed"])],
+             "pixel_acc_mean": sum(r["pixel_acc"] for r in rs) / len(rs), "amount": rs[0]["amount"]}
+            for (method, budget, mode), rs in groups.items()]
+
+
+def format_table(table: list[dict], images: int) -> str:
+    lines = [f"fine-tuned backbone + conv head; mIoU % (mean: seeds), {images} test images",
+             f"{'method':12} {'budget':>6} {'mode':7} {'GMACs':>8} {'mIoU':>6}  seeds"]
+    for r in sorted(table, key=lambda r: (-(r["budget"] or 1), r["method"], r["mode"])):
+        budget = f"{r['budget']:.0%}" if r["budget"] else "100%"
+        seeds = " / ".join(f"{v:.2f}" for v in r["miou_seeds"])
+        lines.append(f"{r['method']:12} {budget:>6} {r['mode']:7} {r['gmacs']:8.4f} {r['miou_mean']:6.2f}  {seeds}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
