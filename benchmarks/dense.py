@@ -98,6 +98,20 @@ def _score(heads: dict, grid: torch.Tensor, pixels: torch.Tensor, counts: dict, 
             counts[(name, *key)] = counts.get((name, *key), 0) + confusion(logits.argmax(1), pixels)
 
 
+def patch_for_budget(model, method: str, budget: float) -> dict:
+    """Patch ``model`` in place with ``method`` at ``budget`` of its GMACs (blocks 3/6/9; ToMe: r in every block;
+    ``-random``: the method's reducer with random scores); returns the solved keep rate / r."""
+    base = method.removesuffix("-random")
+    if base == "tome":
+        amount = {"r": solve_tome_r(model, budget=budget)}
+        tpsvit.patch(model, "tome", r=amount["r"], locations=tuple(range(len(model.blocks))))
+    else:
+        amount = {"keep_rate": solve_keep_rate(model, base, budget=budget, locations=LOCATIONS)}
+        tpsvit.patch(model, base, locations=LOCATIONS, scorer="random" if method.endswith("-random") else "default",
+                     **amount)
+    return amount
+
+
 if "drop" not in REGISTRY:
     register_method(Method("drop", "cls_attention", "drop", "inside", "class-attention top-k, pruned tokens dropped"))
 
@@ -146,15 +160,7 @@ def main(argv=None) -> int:
     for method, budget, _ in tqdm(runs, desc="configurations", file=sys.stderr):
         tpsvit.unpatch(model)
         if method != "unpatched":
-            base = method.removesuffix("-random")
-            if base == "tome":
-                amount = {"r": solve_tome_r(model, budget=budget)}
-                tpsvit.patch(model, "tome", r=amount["r"], locations=tuple(range(len(model.blocks))))
-            else:
-                amount = {"keep_rate": solve_keep_rate(model, base, budget=budget, locations=LOCATIONS)}
-                tpsvit.patch(model, base, locations=LOCATIONS, scorer="random" if method.endswith("-random")
-                             else "default", **amount)
-            amounts[(method, budget)] = amount
+            amounts[(method, budget)] = patch_for_budget(model, method, budget)
         gmacs[(method, budget)] = tpsvit.gmacs(model)
         torch.manual_seed(0)  # the random scorer's draws
         with torch.inference_mode():

@@ -32,26 +32,12 @@ import tpsvit
 from tpsvit.data.segmentation import confusion, miou, segmentation_split
 from tpsvit.io.assets import load_demo_model
 from tpsvit.io.atomic import atomic_write
-from tpsvit.measure.budget import solve_keep_rate, solve_tome_r
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dense import LOCATIONS, ConvHead, _features, _grid, plot, train_head  # noqa: E402
+from dense import ConvHead, _features, _grid, patch_for_budget, plot, train_head  # noqa: E402
 
 METHODS = ("etps", "evit", "drop", "tome", "etps-random")
 MODES = ("host", "frozen")
-
-
-def patch_for_budget(model, method: str, budget: float) -> dict:
-    """Patch ``model`` in place with ``method`` at ``budget`` of its GMACs; returns the solved keep rate / r."""
-    base = method.removesuffix("-random")
-    if base == "tome":
-        amount = {"r": solve_tome_r(model, budget=budget)}
-        tpsvit.patch(model, "tome", r=amount["r"], locations=tuple(range(len(model.blocks))))
-    else:
-        amount = {"keep_rate": solve_keep_rate(model, base, budget=budget, locations=LOCATIONS)}
-        tpsvit.patch(model, base, locations=LOCATIONS, scorer="random" if method.endswith("-random") else "default",
-                     **amount)
-    return amount
 
 
 def dense_logits(model, head, x: torch.Tensor, mode: str | None, side: int, size) -> torch.Tensor:
