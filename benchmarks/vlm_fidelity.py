@@ -4,11 +4,12 @@ Toy form (default): the toy LLaVA of :mod:`tpsvit.vlm.toy` (the shipped cluttere
 Llama LM) trained with two seeds by ``python -m tpsvit.vlm.toy_train``. Every one of the 10,000 fixed cluttered test
 canvases gets one question, the kind cycling garment / side / height with the image index (3,334 / 3,333 / 3,333).
 Each method of :mod:`tpsvit.vlm` keeps N = 37, 25, 12, 5 of the 49 visual tokens (~75/50/25/11%; ``prumerge`` picks
-its own count, N is its cap); per seed and configuration: answer accuracy (the first generated token is the answer
-word), per question kind, first-token agreement with the full model and KL(full || reduced) of the first token's
-distribution; tps and visionzip also with ``positions="compact"`` (the shortened sequence renumbered, as VisionZip's
-release does) at N = 12 and 5. The two seeds are the toy VLM's training seeds; ``random`` draws its tokens from
-torch's global generator seeded with the same number before each configuration.
+its own count, N is its cap; ``pool`` the largest a x b grid with a * b <= N: 36 for 37). Per seed and
+configuration: answer accuracy (the first generated token is the answer word), per question kind, first-token
+agreement with the full model and KL(full || reduced) of the first token's distribution; tps and visionzip also with
+``positions="compact"`` (the shortened sequence renumbered, as VisionZip's release does) at N = 12 and 5. The two
+seeds are the toy VLM's training seeds; ``random`` draws its tokens from torch's global generator seeded with the
+same number before each configuration.
 
     python benchmarks/vlm_fidelity.py --threads 1 --json benchmarks/results/vlm_fidelity.json \
         --plot docs/images/vlm_fidelity.png
@@ -138,7 +139,7 @@ def run_toy(args, api, log=print) -> dict:
             if (seed, label, n) in have:
                 continue
             start = time.perf_counter()
-            patch(model, method, tokens=n, positions=positions)
+            patch(model, method, tokens=grid_budget(n) if method == "pool" else n, positions=positions)
             try:
                 gmacs = toy_gmacs(model, batches[0])
                 torch.manual_seed(seed)  # the selection seed of random
@@ -155,6 +156,11 @@ def run_toy(args, api, log=print) -> dict:
     result = {"tokens": list(args.tokens), "limit": args.limit, "runs": runs, "table": toy_table(runs)}
     _save(args.json, result)
     return result
+
+
+def grid_budget(n: int, side: int = 7) -> int:
+    """pool's count for a budget of ``n`` on the toy's 7 x 7 grid: the largest a * b <= n (a, b <= 7)."""
+    return max(a * b for a in range(1, side + 1) for b in range(1, side + 1) if a * b <= n)
 
 
 def _toy_path(folder, seed: int) -> Path:

@@ -16,7 +16,8 @@ the median over rounds. Per configuration, from hooks on the model's own modules
 * ``gen32``: the whole ``generate`` of 32 new tokens, and ``decode``: its part after the first token, per token;
 * ``kv``: bytes of the KV cache after the prefill (keys and values of every layer);
 * ``reduction``: the time spent in tpsvit's selection (scores, top-k, squeeze / merge) as a share of ``ttft``;
-* counted GMACs of the prefill forward (``torch.utils.flop_counter``; one method per N, the LM shape depends on N).
+* counted GMACs of the prefill forward (``torch.utils.flop_counter`` with eager attention; one method per N: the
+  LM's shape depends on N only).
 
 Targets: the LM prefill time falls at least 80% as fast as the sequence length (1 - t_N / t_full >= 0.8 x (1 - L_N /
 L_full)), and the reduction costs under 5% of the time to first token.
@@ -204,11 +205,18 @@ def measure(model, inputs: dict, new_tokens: int) -> dict:
 
 
 def counted_prefill_gmacs(model, inputs: dict) -> float:
-    """GMACs of one prefill forward (logits of the last position only, as generate computes them)."""
+    """GMACs of one prefill forward (logits of the last position only, as generate computes them), counted with
+    eager attention: torch's flop counter does not see the CPU SDPA kernel, and eager attention's matmuls are the
+    full L x L score matrix (no causal saving)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(**inputs, logits_to_keep=1)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(**inputs, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(before)
     return counter.get_total_flops() / 2e9
 
 

@@ -63,8 +63,8 @@ def test_fidelity_toy_form_scores_every_method_and_resumes(tmp_path):
     fidelity = _load("vlm_fidelity")
     _tiny_toy(tmp_path)
     out, png = tmp_path / "fidelity.json", tmp_path / "fidelity.png"
-    args = ["--toy-dir", str(tmp_path), "--seeds", "0", "--limit", "30", "--batch", "16", "--tokens", "25", "5",
-            "--methods", "tps", "random", "prumerge", "--json", str(out)]
+    args = ["--toy-dir", str(tmp_path), "--seeds", "0", "--limit", "30", "--batch", "16", "--tokens", "37", "25", "5",
+            "--methods", "tps", "random", "prumerge", "pool", "--json", str(out)]
     assert fidelity.main([*args, "--plot", str(png)]) == 0
     saved = json.loads(out.read_text())
     table = {(r["method"], r["tokens"]): r for r in saved["table"]}
@@ -72,6 +72,7 @@ def test_fidelity_toy_form_scores_every_method_and_resumes(tmp_path):
     assert full["agreement"] == 1.0 and full["kl"] == 0.0 and full["mean_tokens"] == 49
     assert table[("tps", 5)]["mean_tokens"] == 5 and table[("random", 25)]["mean_tokens"] == 25
     assert table[("prumerge", 5)]["mean_tokens"] <= 5
+    assert [table[("pool", n)]["mean_tokens"] for n in (37, 25, 5)] == [36, 25, 5]
     assert table[("visionzip compact", 5)]["mean_tokens"] == 5 and ("tps compact", 25) not in table
     for row in saved["table"]:
         assert 0 <= row["accuracy"] <= 100 and 0 <= row["agreement"] <= 1 and row["kl"] >= 0

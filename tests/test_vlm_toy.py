@@ -118,3 +118,20 @@ def test_training_resumes_to_the_same_weights_and_generate_answers(tmp_path):
 def test_a_missing_toy_model_says_how_to_train_one(tmp_path):
     with pytest.raises(CheckpointError, match="toy_train"):
         toy.load_toy_vlm(tmp_path / "none.safetensors")
+
+
+@pytest.mark.parametrize("seed", toy.SHIPPED_SEEDS)
+def test_the_shipped_toy_vlms_answer_the_test_questions(seed):
+    """The shipped toy VLMs (python -m tpsvit.vlm.toy_train --seed S, 2000 steps) answer most of the first 300 test
+    questions; side and height are easy, the garment is as hard as for the mini-DeiT itself."""
+    model = toy.load_toy_vlm(seed)
+    canvases, labels = toy.test_split()
+    kinds = [toy.KINDS[i % 3] for i in range(300)]
+    batch = toy.make_batch(canvases[:300], {k: v[:300] for k, v in labels.items()}, kinds, toy.ToyTokenizer())
+    with torch.no_grad():
+        answer = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values).logits[:, -1].argmax(-1)
+    right = answer == batch.answers
+    side = torch.tensor([k != "garment" for k in kinds])
+    assert right[side].float().mean() > 0.85 and right[~side].float().mean() > 0.4
+    with pytest.raises(InvalidArgumentError, match="shipped seeds"):
+        toy.shipped_toy_vlm(7)
