@@ -21,7 +21,7 @@ from tpsvit.core.config import DEFAULT_LOCATIONS, FLOOR_ACTIONS, SQUEEZE_WEIGHTI
 from tpsvit.core.methods import get_method
 from tpsvit.errors import InvalidArgumentError
 from tpsvit.measure.budget import model_shape, schedule_gmacs, solve_keep_rate, target_gmacs
-from tpsvit.measure.plan import _calibration_batches, _top1
+from tpsvit.measure.plan import _calibration_batches, _top1, trial_patches
 
 # option -> its paper value; the order in which a grid's columns are printed
 PAPER = {"squeeze_floor": None, "squeeze_floor_action": "drop", "squeeze_weighting": "similarity", "temperature": 1.0}
@@ -133,8 +133,8 @@ def calibrate(model: nn.Module, method: str, budget: float, data, values: dict, 
 
     Returns a :class:`Calibration`; prints nothing.
     """
-    from tpsvit.io.loading import apply_patch_spec, patch_spec
-    from tpsvit.patch import is_patched, patch, unpatch
+    from tpsvit.io.loading import patch_spec
+    from tpsvit.patch import is_patched, patch
 
     spec = get_method(method)
     if spec.reducer != "squeeze":
@@ -150,21 +150,13 @@ def calibrate(model: nn.Module, method: str, budget: float, data, values: dict, 
     target = target_gmacs(shape, budget=budget)
     batches = _calibration_batches(data, batch_size)
     device = next(model.parameters()).device
-    training = model.training
-    model.eval()
     trials: list[Trial] = []
-    try:
+    with trial_patches(model, previous):
         for options in option_grid(values):
             rate = solve_keep_rate(shape, spec.name, gmacs=target, locations=locations, options=options)
             gmacs = schedule_gmacs(shape, spec.name, rate, locations, options=options)
             patch(model, spec.name, keep_rate=rate, locations=locations, **options)
             trials.append(Trial(options, rate, gmacs, _top1(model, batches, device)))
-    finally:
-        if previous is not None:
-            apply_patch_spec(model, previous)
-        else:
-            unpatch(model)
-        model.train(training)
     paper = trials[0]
     best = paper
     for trial in trials[1:]:  # strictly better wins; ties keep the paper's, then the one changing fewer options

@@ -15,6 +15,7 @@ Use training images for calibration, never the test split.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +129,25 @@ def candidate_schedules(method: str, depth: int, fixed_locations=DEFAULT_LOCATIO
     return out
 
 
+@contextmanager
+def trial_patches(model: nn.Module, previous: dict | None):
+    """Evaluate trial patches of ``model`` in eval mode inside the block; afterwards its patch ``previous`` (a
+    :func:`~tpsvit.io.loading.patch_spec`, or None: unpatched) and its train/eval mode are put back."""
+    from tpsvit.io.loading import apply_patch_spec
+    from tpsvit.patch import unpatch
+
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if previous is not None:
+            apply_patch_spec(model, previous)
+        else:
+            unpatch(model)
+        model.train(training)
+
+
 def _calibration_batches(data, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         images, labels = data
@@ -176,7 +196,7 @@ def plan(model: nn.Module, method: str, budget: float, data, *, batch_size: int 
 
     Returns a :class:`Schedule`; prints nothing. Raises InvalidArgumentError when no family meets the budget.
     """
-    from tpsvit.io.loading import apply_patch_spec, patch_spec
+    from tpsvit.io.loading import patch_spec
     from tpsvit.patch import is_patched, patch
 
     spec = get_method(method)
@@ -193,12 +213,10 @@ def plan(model: nn.Module, method: str, budget: float, data, *, batch_size: int 
         fixed_locations = tuple(previous["locations"])
     batches = _calibration_batches(data, batch_size)
     device = next(model.parameters()).device
-    training = model.training
-    model.eval()
     scored: list[Candidate] = []
     fixed: Candidate | None = None
     fixed_key = tuple(range(shape.depth)) if spec.reducer == "merge" else tuple(fixed_locations)
-    try:
+    with trial_patches(model, previous):
         for family, locations in candidate_schedules(spec.name, shape.depth, fixed_locations):
             rate = r = None
             if spec.reducer == "merge":
@@ -217,14 +235,6 @@ def plan(model: nn.Module, method: str, budget: float, data, *, batch_size: int 
             scored.append(candidate)
             if locations == fixed_key:
                 fixed = candidate
-    finally:
-        if previous is not None:
-            apply_patch_spec(model, previous)
-        else:
-            from tpsvit.patch import unpatch
-
-            unpatch(model)
-        model.train(training)
     if not scored:
         raise InvalidArgumentError(f"no schedule of {spec.name} meets {budget:.0%} of the unpatched GMACs "
                                    f"({target:.4g} GMACs); raise the budget")
