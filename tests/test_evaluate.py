@@ -131,6 +131,23 @@ def test_fine_tuned_checkpoint_is_labelled(fmnist_dir, tmp_path):
     assert status["etps"] == "off-the-shelf"
 
 
+@pytest.mark.parametrize("patch, amount, blocks", [
+    (dict(method="tome", r=3), "r=3", "all"),
+    (dict(method="tome", r=2, locations=(1, 2)), "r=2", "1,2"),
+    (dict(method="etps", keep_rate=(0.8, 0.6), locations=(1, 5), squeeze_floor=0.2), "0.8/0.6", "1,5"),
+])
+def test_a_patched_checkpoint_is_evaluated_at_its_own_patch(fmnist_dir, tmp_path, patch, amount, blocks):
+    model = tpsvit.patch(tpsvit.io.loading.create_model("deit_mini_patch4_28"), **patch)
+    path = save_checkpoint(model, tmp_path / "own.safetensors", "deit_mini_patch4_28", recipe="fmnist-finetune")
+    out = tmp_path / "out"
+    assert run_eval("--checkpoint", path, "--data", fmnist_dir, "--limit", "8", "--out", out) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == [None, patch["method"]]
+    assert (rows[1]["amount"], rows[1]["blocks"], rows[1]["status"]) == (amount, blocks, "fine-tuned (fmnist-finetune)")
+    assert rows[1]["gmacs"] == pytest.approx(tpsvit.gmacs(model))
+    assert rows[1]["options"] == ({"squeeze_floor": 0.2} if "squeeze_floor" in patch else {})
+
+
 def test_eval_auto_schedule(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = run_eval("--model", "deit_mini_patch4_28", "--data", fmnist_dir, "--methods", "etps", "dtps", "tome",

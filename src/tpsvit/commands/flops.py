@@ -66,24 +66,42 @@ def _check_grid(model, img_size):
 def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
     """Unpatched, then each method x keep rate, ToMe at each r, and each method at the budget.
 
-    Without --methods a patched checkpoint is compared at its own patch; otherwise etps at keep 0.7.
+    Without --methods a patched checkpoint is compared at its own patch (keep rates or ToMe's r, locations and squeeze
+    options as recorded); otherwise etps at keep 0.7.
     """
-    from tpsvit.measure.budget import plan_variants
+    from tpsvit.measure.budget import Variant, plan_variants
     from tpsvit.patch import is_patched
 
-    own = base.tps if is_patched(base) and base.tps.keep_rate is not None else None
+    own = base.tps if is_patched(base) else None
+    asked = args.methods or args.keep_rates is not None or args.r or args.locations or args.budget is not None \
+        or args.gmacs is not None or squeeze_options_of(args)
+    if own is not None and not asked:
+        return [Variant(), own_variant(own)]
     methods = args.methods or ([own.method] if own else ["etps"])
     locations = tuple(args.locations) if args.locations else (own.locations if own else DEFAULT_LOCATIONS)
     keep_rates = args.keep_rates
     if keep_rates is None:
-        if args.r or args.budget is not None or args.gmacs is not None:
-            keep_rates = []
-        elif own and not args.methods and not args.locations:
-            keep_rates = [own.keep_rate[0] if len(set(own.keep_rate)) == 1 else own.keep_rate]
-        else:
-            keep_rates = [0.7]
+        keep_rates = [] if args.r or args.budget is not None or args.gmacs is not None else [0.7]
     return plan_variants(base, methods, keep_rates, args.r or (), locations, args.budget, args.gmacs, args.img_size,
                          options=squeeze_options_of(args))
+
+
+def own_variant(config) -> Variant:
+    """The :class:`Variant` that re-applies a recorded patch (``model.tps``) as it is."""
+    from tpsvit.measure.budget import Variant
+
+    def one_or_all(values):
+        return values[0] if len(set(values)) == 1 else tuple(values)
+
+    defaults = {"squeeze_floor": None, "squeeze_floor_action": "drop", "squeeze_weighting": "similarity",
+                "temperature": 1.0, "fuse": "sum"}
+    options = tuple((k, getattr(config, k)) for k, v in defaults.items() if getattr(config, k) != v)
+    if config.r is not None:
+        every_block = config.locations == tuple(range(config.depth))
+        return Variant(config.method, r=one_or_all(config.r), locations=None if every_block else config.locations,
+                       options=options)
+    return Variant(config.method, keep_rate=one_or_all(config.keep_rate), locations=config.locations,
+                   scorer=config.scorer if config.scorer == "random" else "default", options=options)
 
 
 def with_scorer(variants: list[Variant], scorer: str) -> list[Variant]:
