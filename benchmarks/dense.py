@@ -3,7 +3,10 @@
 Setting (a) of the dense-prediction issue: the shipped cluttered base model stays frozen; two small heads are trained
 on its *unpatched* patch tokens (training images, fixed training view): a linear layer per token and a two-layer
 conv head on the 7x7 grid, both upsampled bilinearly to the 56x56 pixels. At test time each method reduces tokens
-(off-the-shelf, blocks 3/6/9, keep rate solved for the GMACs budget; ToMe: r in every block) and
+(off-the-shelf, blocks 3/6/9, keep rate solved for the GMACs budget; ToMe: r in every block; dtps / dynamicvit:
+the base backbone with the predictors of the shipped cluttered classification fine-tunes, which were trained at keep
+0.5 on those fine-tuned backbones; ``--schedule auto``: the schedule :func:`tpsvit.plan` picks by classification
+top-1 on 2,000 training images, methods without predictors) and
 ``tpsvit.restore(mode=...)`` rebuilds the grid the heads read. mIoU over 11 classes (background + 10 garments) and
 pixel accuracy on the full test set. GMACs include the head.
 
@@ -24,14 +27,15 @@ from tqdm import tqdm
 
 import tpsvit
 from tpsvit.core.methods import METHODS as REGISTRY
-from tpsvit.core.methods import Method, register_method
+from tpsvit.core.methods import Method, get_method, register_method
 from tpsvit.data.segmentation import SEG_CLASSES, confusion, miou, segmentation_split
 from tpsvit.io.assets import load_demo_model
 from tpsvit.measure.budget import solve_keep_rate, solve_tome_r
+from tpsvit.patch import PREDICTORS
 
 # etps-random: the squeeze with random scores; drop: class-attention top-k with the pruned tokens dropped (EViT's
 # scorer and placement without its fused token; registered below through tpsvit's method registry)
-METHODS = ("etps", "evit", "drop", "tome", "etps-random")
+METHODS = ("etps", "dtps", "evit", "dynamicvit", "drop", "tome", "etps-random")
 MODES = ("host", "frozen", "zeros")
 LOCATIONS = (3, 6, 9)
 
@@ -98,10 +102,16 @@ def _score(heads: dict, grid: torch.Tensor, pixels: torch.Tensor, counts: dict, 
             counts[(name, *key)] = counts.get((name, *key), 0) + confusion(logits.argmax(1), pixels)
 
 
-def patch_for_budget(model, method: str, budget: float) -> dict:
+def patch_for_budget(model, method: str, budget: float, schedule: str = "fixed", calib=None) -> dict:
     """Patch ``model`` in place with ``method`` at ``budget`` of its GMACs (blocks 3/6/9; ToMe: r in every block;
-    ``-random``: the method's reducer with random scores); returns the solved keep rate / r."""
+    ``-random``: the method's reducer with random scores; dtps / dynamicvit: the predictors of the shipped cluttered
+    fine-tune of that method; ``schedule="auto"``: :func:`tpsvit.plan` on ``calib`` (images, labels) instead, for
+    methods without predictors); returns the solved keep rate / r (and blocks)."""
     base = method.removesuffix("-random")
+    if schedule == "auto" and not get_method(base).learned and base == method:
+        plan = tpsvit.plan(model, base, budget, data=calib)
+        tpsvit.patch(model, **plan.patch_kwargs())
+        return {"keep_rate": plan.keep_rate, "r": plan.r, "blocks": list(plan.locations)}
     if base == "tome":
         amount = {"r": solve_tome_r(model, budget=budget)}
         tpsvit.patch(model, "tome", r=amount["r"], locations=tuple(range(len(model.blocks))))
@@ -109,6 +119,9 @@ def patch_for_budget(model, method: str, budget: float) -> dict:
         amount = {"keep_rate": solve_keep_rate(model, base, budget=budget, locations=LOCATIONS)}
         tpsvit.patch(model, base, locations=LOCATIONS, scorer="random" if method.endswith("-random") else "default",
                      **amount)
+        if get_method(base).learned:
+            trained = getattr(load_demo_model(base), PREDICTORS)
+            getattr(model, PREDICTORS).load_state_dict(trained.state_dict())
     return amount
 
 
@@ -125,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8, help="head training epochs on the cached unpatched features")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="head seeds")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--schedule", choices=["fixed", "auto", "both"], default="fixed",
+                   help="fixed: blocks 3/6/9 (ToMe: r in every block); auto: tpsvit.plan's schedule by classification "
+                        "top-1 on 2,000 training images (methods without predictors; rows '<method> auto'); both")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="save the table here")
     p.add_argument("--plot", help="mIoU-vs-GMACs plot (PNG) of the table")
@@ -142,7 +158,8 @@ def main(argv=None) -> int:
     model = load_demo_model()
     side = model.patch_embed.grid_size[0]
     classes = len(SEG_CLASSES)
-    train_x, train_pix, _ = segmentation_split(True, limit=args.train_images)
+    train_x, train_pix, train_labels = segmentation_split(True, limit=args.train_images)
+    calib = train_x[:2000], train_labels[:2000]
     test_x, test_pix, _ = segmentation_split(False, limit=args.test_images)
     train_grids = _grid(_features(model, train_x, args.batch_size, "train features"), side)
     heads = {}
@@ -155,12 +172,16 @@ def main(argv=None) -> int:
                  "conv": ConvHead(model.embed_dim, classes).macs(side, side) / 1e9}
     full = tpsvit.gmacs(model)
     counts: dict = {}
-    runs = [("unpatched", None, None)] + [(m, b, None) for m in args.methods for b in args.budgets]
+    schedules = ["fixed", "auto"] if args.schedule == "both" else [args.schedule]
+    runs = [("unpatched", None, None)] + [
+        (m if schedule == "fixed" else f"{m} auto", b, schedule) for schedule in schedules for m in args.methods
+        for b in args.budgets if schedule == "fixed" or not (get_method(m.removesuffix("-random")).learned
+                                                             or m.endswith("-random"))]
     gmacs, amounts = {}, {}
-    for method, budget, _ in tqdm(runs, desc="configurations", file=sys.stderr):
+    for method, budget, schedule in tqdm(runs, desc="configurations", file=sys.stderr):
         tpsvit.unpatch(model)
         if method != "unpatched":
-            amounts[(method, budget)] = patch_for_budget(model, method, budget)
+            amounts[(method, budget)] = patch_for_budget(model, method.removesuffix(" auto"), budget, schedule, calib)
         gmacs[(method, budget)] = tpsvit.gmacs(model)
         torch.manual_seed(0)  # the random scorer's draws
         with torch.inference_mode():

@@ -7,6 +7,11 @@ r in every block) and backbone and head are fine-tuned together on the restored 
 order and optimiser for every configuration, the unpatched model included (fine-tuned the same way, so that the
 baseline has had the same training). mIoU over 11 classes on the full test set; GMACs include the head.
 
+dtps / dynamicvit start from the predictors of the shipped cluttered classification fine-tunes (as in setting (a))
+and keep them frozen: their masked training path keeps every token (masked, not removed), so no grid can be restored
+from it; they fine-tune on the inference (gather) path instead, with hard top-k decisions (the mini-DeiT has no
+dropout or drop-path, so its eval mode trains the same backbone function).
+
     python benchmarks/dense_finetune.py --threads 1 --json benchmarks/results/dense_finetune.json \\
         --plot docs/images/dense_finetune.png
 
@@ -29,14 +34,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tpsvit
+from tpsvit.core.methods import get_method
 from tpsvit.data.segmentation import confusion, miou, segmentation_split
 from tpsvit.io.assets import load_demo_model
 from tpsvit.io.atomic import atomic_write
+from tpsvit.patch import PREDICTORS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dense import ConvHead, _features, _grid, patch_for_budget, plot, train_head  # noqa: E402
 
-METHODS = ("etps", "evit", "drop", "tome", "etps-random")
+METHODS = ("etps", "dtps", "evit", "dynamicvit", "drop", "tome", "etps-random")
 MODES = ("host", "frozen")
 
 
@@ -53,11 +60,14 @@ def dense_logits(model, head, x: torch.Tensor, mode: str | None, side: int, size
 
 def finetune(model, head, mode, images, pixels, steps: int, batch: int, lr: float, seed: int, side: int) -> None:
     """Backbone and head together, pixel cross-entropy, AdamW with a cosine schedule; batches drawn by ``seed``."""
+    gather_path = tpsvit.is_patched(model) and get_method(model.tps.method).learned
+    if gather_path:
+        getattr(model, PREDICTORS).requires_grad_(False)
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    model.train(), head.train()
+    model.train(not gather_path), head.train()
     torch.manual_seed(seed)  # the random scorer's draws
     for step in range(steps):
         idx = order[(step * batch) % len(images):][:batch]
