@@ -189,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     results = train(config)
     if results.get("final"):
-        best = results.get("best_top1")
-        summary = f"best test top-1 {best:.2f}%" if best is not None else "no evaluation"
+        best, what = results.get("best_top1"), "top-1"
+        if "best_miou" in results:
+            best, what = results["best_miou"], "mIoU"
+        summary = f"best test {what} {best:.2f}%" if best is not None else "no evaluation"
         print(f"tpsvit train: done, {summary}; final weights {results['final']}, best "
               f"{Path(results['out']) / 'best.safetensors'}", file=sys.stderr)
     return 0

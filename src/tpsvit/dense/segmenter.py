@@ -23,12 +23,12 @@ class Segmenter(nn.Module):
     ``tpsvit.restore(mode=restore)`` (``"frozen"`` applies the backbone's final norm to the frozen features, as the
     tokens come after it). The head's output (B, classes, h, w) is upsampled bilinearly to the input's H x W.
 
-    ``freeze_backbone``: the backbone's weights get no gradient and it stays in eval mode (only the head trains;
-    its features are computed without autograd). A backbone patched with a learned method (dtps, dynamicvit) always
-    takes the inference (gather) path, in training too: the masked training path removes no token, so there is no
-    trace to restore; its predictors are frozen (top-k decisions pass no gradient to them anyway). Only the
-    backbone's own ``training`` flag, which picks the path, stays off then: its blocks' dropout and drop-path follow
-    :meth:`train` as usual.
+    The backbone's classifier never runs here, so its weights are frozen. ``freeze_backbone``: no backbone weight
+    gets a gradient and the backbone stays in eval mode (only the head trains; its features are computed without
+    autograd). A backbone patched with a learned method (dtps, dynamicvit) takes its inference (gather) path in
+    training too: the masked training path removes no token, so there would be no trace to restore. Its predictors
+    are frozen (top-k decisions pass no gradient to them anyway), and only the backbone's own ``training`` flag,
+    which picks the path, stays off: its blocks' dropout and drop-path follow :meth:`train` as usual.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, restore: str = "host", freeze_backbone: bool = False):
@@ -49,6 +49,10 @@ class Segmenter(nn.Module):
         self.grid = family.grid_size(backbone)
         if self.freeze_backbone:
             backbone.requires_grad_(False)
+        heads, pool = family.head_parts(backbone)
+        for unused in [*heads, pool, getattr(backbone, "fc_norm", None)]:
+            if isinstance(unused, nn.Module):  # the classifier never runs here: frozen, so that DDP sees no idle weight
+                unused.requires_grad_(False)
         predictors = getattr(backbone, "tps_predictors", None)
         if predictors is not None:
             predictors.requires_grad_(False)
