@@ -400,8 +400,9 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
         self.metrics.write(self.history, self.summary())
         self.metrics.close()
         distributed.barrier(info)
+        extra = {"segmenter": self.segmenter} if self.segmenter is not None else {}
         return {**self.summary(), "final": str(final) if final else None, "history": self.history,
-                "model": self.model}
+                "model": self.model, **extra}
 
 
 def _as_config(config) -> TrainConfig:
@@ -413,7 +414,8 @@ def _as_config(config) -> TrainConfig:
 
 
 def train(config, command: str | None = None) -> dict:
-    """Fine-tune (or train) a model as ``config`` says; returns the results (metrics, paths, the trained model).
+    """Fine-tune (or train) a model as ``config`` says; returns the results (metrics, paths, the trained model;
+    task segment: also the trained ``segmenter``, backbone + head).
 
     ``config``: a :class:`TrainConfig` or a dict of its keys (``{"recipe": "fmnist-scratch", "epochs": 1}``).
     Launched by torchrun, every rank calls this; rank 0 writes files. ``lr`` is for the global batch and is not
