@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from fmnist_files import write_fashion_mnist
 from safetensors.torch import load_file
 
@@ -113,6 +115,32 @@ def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch
         assert torch.equal(resumed[key], straight[key]), key
     rows = [json.loads((run / "metrics.json").read_text())["epochs"] for run in (out, reference)]
     assert [r["test_miou"] for r in rows[0]] == [r["test_miou"] for r in rows[1]]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: dict, folder: str, files: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    tpsvit.data.datasets.SYSTEM_DIR = Path(files)  # a spawned process does not inherit the test's monkeypatch
+    results = train(cfg)
+    segmenter = results["segmenter"]
+    torch.save({k: v.detach().clone() for k, v in segmenter.state_dict().items()}, Path(folder) / f"rank{rank}.pt")
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(results["history"][-1]["test_miou"]))
+
+
+def test_two_gloo_ranks_hold_identical_segmenters(tmp_path, system_files):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(tmp_path / "ddp", batch_size=16, accum_steps=2, epochs=1, steps_per_epoch=1)
+    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path), str(system_files)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys() and "head.conv1.weight" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    miou_a, miou_b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    saved = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert miou_a == miou_b == saved["epochs"][-1]["test_miou"]  # the ranks' confusion counts were summed
+    assert saved["summary"]["world_size"] == 2
 
 
 def test_freeze_backbone_leaves_the_backbone_as_loaded(tmp_path):
