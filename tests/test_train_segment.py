@@ -21,7 +21,7 @@ from tpsvit.cli import main as cli_main
 from tpsvit.data.segmentation import confusion, miou, segmentation_split
 from tpsvit.dense import load_segmenter
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.io.loading import create_model, save_checkpoint
+from tpsvit.io.loading import checkpoint_metadata, create_model, save_checkpoint
 from tpsvit.train import resolve, train
 
 TINY = {"depth": 4, "embed_dim": 32, "num_heads": 2}
@@ -67,6 +67,9 @@ def test_segment_run_writes_miou_metrics_and_both_checkpoints(dtps_run):
     assert "conv1.weight" in state["head"]
     weights = load_file(out / "final.safetensors")
     assert "seg_head.conv1.weight" in weights and any(k.startswith("tps_predictors.") for k in weights)
+    meta = checkpoint_metadata(out / "best.safetensors")
+    assert (meta["task"], meta["seg_head"], meta["restore"]) == ("segment", "conv", "host")
+    assert meta["test_miou"] == summary["best_miou"] and meta["command"]
 
 
 def test_saved_segmenter_reloads_to_the_same_logits_and_miou(dtps_run):

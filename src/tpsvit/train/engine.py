@@ -385,18 +385,18 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
                 last_eval = self.evaluate()
                 row.update(last_eval)
             self.history.append(row)
-            top1 = row.get(self.metric)
-            if top1 is not None and top1 > self.best_top1:
-                self.best_top1 = top1
-                self._export("best.safetensors", top1, epoch + 1)
+            score = row.get(self.metric)  # top-1, or mIoU for task segment (kept in best_top1 either way)
+            if score is not None and score > self.best_top1:
+                self.best_top1 = score
+                self._export("best.safetensors", score, epoch + 1)
             self._save_state(epoch + 1, 0)
             self.metrics.write(self.history, self.summary())
             if info.is_main:
                 print(self._epoch_line(row), file=sys.stderr)
             if epoch + 1 < cfg.epochs and self._stop_requested():
                 self._interrupted(epoch + 1, 0)
-        final_top1 = self.history[-1].get(self.metric) if self.history else None
-        final = self._export("final.safetensors", final_top1, cfg.epochs)
+        final_score = self.history[-1].get(self.metric) if self.history else None
+        final = self._export("final.safetensors", final_score, cfg.epochs)
         self.metrics.write(self.history, self.summary())
         self.metrics.close()
         distributed.barrier(info)

@@ -102,7 +102,7 @@ class ReportingMixin:
             save_state(self.out, self._state(epoch, step))
         distributed.barrier(self.info)
 
-    def _export(self, name: str, top1: float | None, epoch: int) -> Path | None:
+    def _export(self, name: str, score: float | None, epoch: int) -> Path | None:
         if not self.info.is_main:
             return None
         provenance = dict(
@@ -112,8 +112,8 @@ class ReportingMixin:
         )
         if self.segmenter is not None:
             return save_segmenter(self.segmenter, self.out / name, self.models.name, self.models.kwargs,
-                                  test_miou=top1, **provenance)
-        return save_checkpoint(self.model, self.out / name, self.models.name, self.models.kwargs, test_top1=top1,
+                                  test_miou=score, **provenance)
+        return save_checkpoint(self.model, self.out / name, self.models.name, self.models.kwargs, test_top1=score,
                                **provenance)
 
     def summary(self) -> dict:
