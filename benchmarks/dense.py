@@ -29,6 +29,7 @@ import tpsvit
 from tpsvit.core.methods import METHODS as REGISTRY
 from tpsvit.core.methods import Method, get_method, register_method
 from tpsvit.data.segmentation import SEG_CLASSES, confusion, miou, segmentation_split
+from tpsvit.dense import ConvHead, LinearHead, tokens_to_grid
 from tpsvit.io.assets import load_demo_model
 from tpsvit.measure.budget import solve_keep_rate, solve_tome_r
 from tpsvit.patch import PREDICTORS
@@ -38,35 +39,6 @@ from tpsvit.patch import PREDICTORS
 METHODS = ("etps", "dtps", "evit", "dynamicvit", "drop", "tome", "etps-random")
 MODES = ("host", "frozen", "zeros")
 LOCATIONS = (3, 6, 9)
-
-
-class LinearHead(nn.Module):
-    def __init__(self, dim: int, classes: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, classes)
-
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, classes, h, w)
-        return self.proj(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def macs(self, h: int, w: int) -> int:
-        return h * w * self.proj.in_features * self.proj.out_features
-
-
-class ConvHead(nn.Module):
-    def __init__(self, dim: int, classes: int, hidden: int = 64):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(dim, hidden, 3, padding=1), nn.Conv2d(hidden, classes, 1)
-
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.gelu(self.conv1(grid)))
-
-    def macs(self, h: int, w: int) -> int:
-        conv1, conv2 = self.conv1, self.conv2
-        return h * w * (conv1.in_channels * conv1.out_channels * 9 + conv2.in_channels * conv2.out_channels)
-
-
-def _grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
 
 
 def _features(model, images, batch: int, desc: str) -> torch.Tensor:
@@ -161,7 +133,7 @@ def main(argv=None) -> int:
     train_x, train_pix, train_labels = segmentation_split(True, limit=args.train_images)
     calib = train_x[:2000], train_labels[:2000]
     test_x, test_pix, _ = segmentation_split(False, limit=args.test_images)
-    train_grids = _grid(_features(model, train_x, args.batch_size, "train features"), side)
+    train_grids = tokens_to_grid(_features(model, train_x, args.batch_size, "train features"), side)
     heads = {}
     for seed in args.seeds:
         heads[f"linear/seed{seed}"] = train_head(LinearHead(model.embed_dim, classes), train_grids, train_pix,
@@ -188,13 +160,14 @@ def main(argv=None) -> int:
             for i in range(0, len(test_x), args.batch_size):
                 x, pix = test_x[i:i + args.batch_size], test_pix[i:i + args.batch_size]
                 if method == "unpatched":
-                    _score(heads, _grid(model.forward_features(x)[:, 1:], side), pix, counts, (method, budget, "-"))
+                    grid = tokens_to_grid(model.forward_features(x)[:, 1:], side)
+                    _score(heads, grid, pix, counts, (method, budget, "-"))
                     continue
                 with tpsvit.tracing(model) as trace:
                     tokens = model.forward_features(x)
                 for mode in MODES:
                     _, grid = tpsvit.restore(tokens, trace, mode=mode, norm=model.norm if mode == "frozen" else None)
-                    _score(heads, _grid(grid, side), pix, counts, (method, budget, mode))
+                    _score(heads, tokens_to_grid(grid, side), pix, counts, (method, budget, mode))
     rows = []
     for (head_seed, method, budget, mode), c in counts.items():
         kind = head_seed.split("/")[0]

@@ -34,58 +34,43 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tpsvit
-from tpsvit.core.methods import get_method
 from tpsvit.data.segmentation import confusion, miou, segmentation_split
+from tpsvit.dense import ConvHead, Segmenter, tokens_to_grid
 from tpsvit.io.assets import load_demo_model
 from tpsvit.io.atomic import atomic_write
-from tpsvit.patch import PREDICTORS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dense import ConvHead, _features, _grid, patch_for_budget, plot, train_head  # noqa: E402
+from dense import _features, patch_for_budget, plot, train_head  # noqa: E402
 
 METHODS = ("etps", "dtps", "evit", "dynamicvit", "drop", "tome", "etps-random")
 MODES = ("host", "frozen")
 
 
-def dense_logits(model, head, x: torch.Tensor, mode: str | None, side: int, size) -> torch.Tensor:
-    """Per-pixel logits (B, classes, H, W): features of the (patched) model, restored to the grid by ``mode``."""
-    if mode is None:
-        grid = model.forward_features(x)[:, model.num_prefix_tokens:]
-    else:
-        with tpsvit.tracing(model) as trace:
-            tokens = model.forward_features(x)
-        _, grid = tpsvit.restore(tokens, trace, mode=mode, norm=model.norm if mode == "frozen" else None)
-    return F.interpolate(head(_grid(grid, side)), size=size, mode="bilinear", align_corners=False)
-
-
-def finetune(model, head, mode, images, pixels, steps: int, batch: int, lr: float, seed: int, side: int) -> None:
+def finetune(segmenter: Segmenter, images, pixels, steps: int, batch: int, lr: float, seed: int) -> None:
     """Backbone and head together, pixel cross-entropy, AdamW with a cosine schedule; batches drawn by ``seed``."""
-    gather_path = tpsvit.is_patched(model) and get_method(model.tps.method).learned
-    if gather_path:
-        getattr(model, PREDICTORS).requires_grad_(False)
-    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
+    params = [p for p in segmenter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    model.train(not gather_path), head.train()
+    segmenter.train()
     torch.manual_seed(seed)  # the random scorer's draws
     for step in range(steps):
         idx = order[(step * batch) % len(images):][:batch]
-        loss = F.cross_entropy(dense_logits(model, head, images[idx], mode, side, pixels.shape[-2:]), pixels[idx])
+        loss = F.cross_entropy(segmenter(images[idx]), pixels[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    model.eval(), head.eval()
+    segmenter.eval()
 
 
-def evaluate(model, head, mode, images, pixels, batch: int, side: int) -> tuple[float, float]:
+def evaluate(segmenter: Segmenter, images, pixels, batch: int) -> tuple[float, float]:
+    """(mIoU, pixel accuracy) in percent on ``images``."""
     counts = 0
     torch.manual_seed(0)
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            logits = dense_logits(model, head, images[i:i + batch], mode, side, pixels.shape[-2:])
-            counts = counts + confusion(logits.argmax(1), pixels[i:i + batch])
+            counts = counts + confusion(segmenter(images[i:i + batch]).argmax(1), pixels[i:i + batch])
     return miou(counts)
 
 
@@ -124,15 +109,16 @@ def main(argv=None) -> int:
     for run, seed in tqdm(todo, desc="fine-tunes", file=sys.stderr):
         if seed not in heads:
             if feats is None:
-                feats = _grid(_features(base, train_x, 500, "train features"), side)
+                feats = tokens_to_grid(_features(base, train_x, 500, "train features"), side)
             heads[seed] = train_head(ConvHead(base.embed_dim, 11), feats, train_pix, args.head_epochs, seed)
         method, budget, mode = run
         model, head = copy.deepcopy(base), copy.deepcopy(heads[seed])
         amount = patch_for_budget(model, method, budget) if method != "unpatched" else None
         gmacs = tpsvit.gmacs(model) + head_macs
         t0 = time.time()
-        finetune(model, head, mode, train_x, train_pix, args.steps, args.batch_size, args.lr, seed, side)
-        m, acc = evaluate(model, head, mode, test_x, test_pix, 500, side)
+        segmenter = Segmenter(model, head, restore=mode or "host")  # an unpatched model needs no restore
+        finetune(segmenter, train_x, train_pix, args.steps, args.batch_size, args.lr, seed)
+        m, acc = evaluate(segmenter, test_x, test_pix, 500)
         saved["rows"].append({"method": method, "budget": budget, "mode": mode, "seed": seed, "miou": m,
                               "pixel_acc": acc, "gmacs": gmacs, "amount": amount, "train_s": time.time() - t0})
         saved.update(args=vars(args), threads=args.threads, test_images=len(test_x), table=summarise(saved["rows"]))

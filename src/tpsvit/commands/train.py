@@ -29,7 +29,7 @@ FLAG_KEYS = {
     "steps": "steps_per_epoch", "workers": "workers", "amp": "amp", "grad_checkpointing": "grad_checkpointing",
     "device": "device", "save_every_steps": "save_every_steps", "eval_every": "eval_every", "img_size": "img_size",
     "resume": "resume", "threads": "threads", "schedule": "schedule", "calib_images": "calib_images",
-    "predictor_init": "predictor_init", "predictor_loss": "predictor_loss",
+    "predictor_init": "predictor_init", "predictor_loss": "predictor_loss", "task": "task",
 }
 
 EPILOG = """\
@@ -41,10 +41,14 @@ examples:
   tpsvit train --recipe imagenet-dtps --data /data/imagenet --device-batch 128 --grad-checkpointing
                                                       (one GPU: global batch 1024 = 128 x 8 accumulation steps)
   tpsvit train --resume --out runs/mini-deit          (continues exactly from runs/mini-deit/last.pt)
+  tpsvit train --recipe cluttered-segment --threads 1  (segmentation: backbone + conv head on the restored grid)
+  tpsvit train --recipe cluttered-segment --set seg_head=linear --set restore=frozen --set freeze_backbone=true
 
 learning rate: the recipe's lr is for its global batch and is used as written (no automatic scaling).
 Outputs in --out: last.pt (resumable state), best.safetensors, final.safetensors (for `tpsvit eval --checkpoint`),
 metrics.csv, metrics.json, progress.json.
+--task segment: the safetensors hold the backbone and the dense head (tpsvit.dense.load_segmenter reads them); the
+metrics are test_miou / test_pixel_acc where classification has test_top1 / test_top5.
 """
 
 
@@ -70,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="override any recipe key (YAML value), repeatable; e.g. --set model_kwargs='{depth: 4}'")
     run.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     run.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
+    run.add_argument("--task", choices=("classify", "segment"), default=S,
+                     help="classify, or segment: per-pixel labels of the cluttered testbed, a dense head (config "
+                          "keys seg_head: linear|conv, restore: host|frozen|zeros, freeze_backbone: true|false, "
+                          "via --set) on the restored patch grid, per-pixel cross-entropy, mIoU")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=S, metavar="NAME",
                        help="timm model name, or a transformers classifier: hf:ORG/NAME or a save_pretrained folder")
@@ -189,8 +197,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     results = train(config)
     if results.get("final"):
-        best = results.get("best_top1")
-        summary = f"best test top-1 {best:.2f}%" if best is not None else "no evaluation"
+        best, what = results.get("best_top1"), "top-1"
+        if "best_miou" in results:
+            best, what = results["best_miou"], "mIoU"
+        summary = f"best test {what} {best:.2f}%" if best is not None else "no evaluation"
         print(f"tpsvit train: done, {summary}; final weights {results['final']}, best "
               f"{Path(results['out']) / 'best.safetensors'}", file=sys.stderr)
     return 0

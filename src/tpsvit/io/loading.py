@@ -121,11 +121,12 @@ def apply_patch_spec(model: nn.Module, spec: dict | None) -> nn.Module:
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, model_name: str, model_kwargs: dict | None = None,
-                    **provenance) -> Path:
-    """Write the model's weights (predictors included) and how to rebuild it as safetensors, atomically."""
+                    extra: dict[str, torch.Tensor] | None = None, **provenance) -> Path:
+    """Write the model's weights (predictors included) and how to rebuild it as safetensors, atomically; ``extra``
+    tensors (e.g. a dense head's, under a prefix of their own) are stored beside them."""
     path = Path(path)
     meta = {"model": model_name, "model_kwargs": model_kwargs or {}, "patch": patch_spec(model), **provenance}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in {**model.state_dict(), **(extra or {})}.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
 
 
@@ -195,6 +196,9 @@ def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = N
     from tpsvit.io.hf_loading import is_hf_source, load_hf_model
 
     state_dict, meta = read_weights(checkpoint) if checkpoint is not None else ({}, {})
+    if meta.get("task") == "segment":
+        raise CheckpointError(f"{str(checkpoint)!r} is a segmentation checkpoint (backbone + dense head); load it "
+                              "with tpsvit.dense.load_segmenter")
     name = name or meta.get("model")
     kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
     if is_hf_source(name):

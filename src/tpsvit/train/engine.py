@@ -43,13 +43,14 @@ from tpsvit.train.losses import (
     logit_distillation,
     token_distillation,
 )
-from tpsvit.train.metrics import MetricsWriter
+from tpsvit.train.metrics import COLUMNS, SEGMENT_COLUMNS, MetricsWriter
 from tpsvit.train.modeling import build_models, print_notes
 from tpsvit.train.precision import _AMP_DTYPES, _resolve_amp
 from tpsvit.train.precision import choose_amp as choose_amp  # re-exported: tpsvit.train.engine.choose_amp
 from tpsvit.train.recipe import TrainConfig, resolve, validate
 from tpsvit.train.reporting import ReportingMixin
 from tpsvit.train.schedule import lr_factor
+from tpsvit.train.segment import build_segmenter, segment_data
 from tpsvit.train.setup import SetupMixin
 from tpsvit.train.setup import _WithFeatures as _WithFeatures  # re-exported: the student wrapper DDP sees
 
@@ -95,11 +96,18 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
         self.models, self.model, self.teacher = models, models.student, models.teacher
         self.family = family_of(self.model)  # looked up once: the training step uses it on every forward
         self.teacher_family = family_of(self.teacher) if self.teacher is not None else None
-        self.data = build_data(cfg, raw, self.model, info.rank, info.world_size, self.per_rank, self.per_rank * 2,
-                               pin_memory=info.device.type == "cuda")
-        model_classes = self.family.num_classes(self.model)
-        if len(self.data.classes) != model_classes:
-            raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {model_classes}")
+        # task segment: the backbone (self.model) + restore + a dense head; the headline metric is mIoU, not top-1
+        self.segmenter = build_segmenter(cfg, self.model) if cfg.task == "segment" else None
+        self.metric = "test_miou" if self.segmenter is not None else "test_top1"
+        if self.segmenter is not None:
+            self.data = segment_data(cfg, raw, self.model, info.rank, info.world_size, self.per_rank,
+                                     self.per_rank * 2)
+        else:
+            self.data = build_data(cfg, raw, self.model, info.rank, info.world_size, self.per_rank,
+                                   self.per_rank * 2, pin_memory=info.device.type == "cuda")
+            model_classes = self.family.num_classes(self.model)
+            if len(self.data.classes) != model_classes:
+                raise DatasetError(f"the data has {len(self.data.classes)} classes, the model {model_classes}")
         self.steps_per_epoch = len(self.data.train) // self.accum
         if cfg.steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
@@ -111,7 +119,7 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
         learned = tpsvit.is_patched(self.model) and self.model.tps.spec.learned
         if learned and cfg.predictor_init == "class-attention" and self.state is None:
             self._warm_start()
-        if learned and cfg.predictor_loss == "attention-distill":
+        if learned and cfg.predictor_loss == "attention-distill" and self.segmenter is None:
             set_predictor_training(self.model, "topk", record_class_attention=True)
         self._setup_engine()
         self.history: list[dict] = []
@@ -120,7 +128,8 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
         self.wall_time = 0.0
         if self.state is not None:
             self._restore(self.state)
-        self.metrics = MetricsWriter(self.out, cfg.to_dict(), enabled=info.is_main)
+        self.metrics = MetricsWriter(self.out, cfg.to_dict(), enabled=info.is_main,
+                                     columns=SEGMENT_COLUMNS if self.segmenter is not None else COLUMNS)
 
     # ------------------------------------------------------------------------------------------------ steps
 
@@ -146,6 +155,8 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
         cfg, model = self.cfg, self.model
         terms = {"ce": self.criterion(logits.float(), target)}
         total = terms["ce"]
+        if self.segmenter is not None:  # per-pixel cross-entropy only
+            return {**terms, "total": total}
         prefix = self.family.num_prefix_tokens(model)
         state = tpsvit.forward_state(model) if tpsvit.is_patched(model) else None
         if self.teacher is not None:
@@ -207,7 +218,7 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
         losses = torch.stack(rows)
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad)
         scale = self.scaler._get_scale_async().clone() if scaling else None  # on the device: no sync
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -374,23 +385,24 @@ class Run(SetupMixin, ReportingMixin, InterruptMixin):
                 last_eval = self.evaluate()
                 row.update(last_eval)
             self.history.append(row)
-            top1 = row.get("test_top1")
-            if top1 is not None and top1 > self.best_top1:
-                self.best_top1 = top1
-                self._export("best.safetensors", top1, epoch + 1)
+            score = row.get(self.metric)  # top-1, or mIoU for task segment (kept in best_top1 either way)
+            if score is not None and score > self.best_top1:
+                self.best_top1 = score
+                self._export("best.safetensors", score, epoch + 1)
             self._save_state(epoch + 1, 0)
             self.metrics.write(self.history, self.summary())
             if info.is_main:
                 print(self._epoch_line(row), file=sys.stderr)
             if epoch + 1 < cfg.epochs and self._stop_requested():
                 self._interrupted(epoch + 1, 0)
-        final_top1 = self.history[-1].get("test_top1") if self.history else None
-        final = self._export("final.safetensors", final_top1, cfg.epochs)
+        final_score = self.history[-1].get(self.metric) if self.history else None
+        final = self._export("final.safetensors", final_score, cfg.epochs)
         self.metrics.write(self.history, self.summary())
         self.metrics.close()
         distributed.barrier(info)
+        extra = {"segmenter": self.segmenter} if self.segmenter is not None else {}
         return {**self.summary(), "final": str(final) if final else None, "history": self.history,
-                "model": self.model}
+                "model": self.model, **extra}
 
 
 def _as_config(config) -> TrainConfig:
@@ -402,7 +414,8 @@ def _as_config(config) -> TrainConfig:
 
 
 def train(config, command: str | None = None) -> dict:
-    """Fine-tune (or train) a model as ``config`` says; returns the results (metrics, paths, the trained model).
+    """Fine-tune (or train) a model as ``config`` says; returns the results (metrics, paths, the trained model;
+    task segment: also the trained ``segmenter``, backbone + head).
 
     ``config``: a :class:`TrainConfig` or a dict of its keys (``{"recipe": "fmnist-scratch", "epochs": 1}``).
     Launched by torchrun, every rank calls this; rank 0 writes files. ``lr`` is for the global batch and is not

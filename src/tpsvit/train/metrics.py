@@ -13,13 +13,16 @@ COLUMNS = (
     "lr", "lr_backbone", "keep_rate", "test_top1", "test_top5", "test_loss", "gmacs", "train_images",
     "train_images_per_s", "epoch_time_s",
 )
+# task segment: mIoU and pixel accuracy where classification has top-1 / top-5
+SEGMENT_COLUMNS = tuple(c for name in COLUMNS
+                        for c in {"test_top1": ("test_miou",), "test_top5": ("test_pixel_acc",)}.get(name, (name,)))
 
 
 class MetricsWriter:
     """Rewrites the CSV and JSON files from the whole history after every epoch (so a resumed run stays whole)."""
 
-    def __init__(self, out: str | os.PathLike, config: dict, enabled: bool = True):
-        self.out, self.config, self.enabled = Path(out), config, enabled
+    def __init__(self, out: str | os.PathLike, config: dict, enabled: bool = True, columns: tuple = COLUMNS):
+        self.out, self.config, self.enabled, self.columns = Path(out), config, enabled, columns
         self.tensorboard = None
         if enabled:
             try:
@@ -36,10 +39,10 @@ class MetricsWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / ".metrics.csv.tmp"
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for row in history:
-                writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+                writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
         os.replace(tmp, self.out / "metrics.csv")
         tmp = self.out / ".metrics.json.tmp"
         tmp.write_text(json.dumps({"config": self.config, "summary": summary, "epochs": history}, indent=1) + "\n")

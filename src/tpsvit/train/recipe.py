@@ -32,6 +32,9 @@ PREDICTOR_INITS = ("release", "class-attention")
 PREDICTOR_LOSSES = ("gumbel", "attention-distill")
 AUGMENTS = ("deit", "fmnist", "none")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+TASKS = ("classify", "segment")
+SEG_HEADS = ("linear", "conv")  # tpsvit.dense.HEADS
+SEGMENT_DATA = ("fashion-mnist-cluttered", "fashion-mnist-textures")  # the testbeds with pixel labels
 TEACHERS_HELP = "'auto' (the starting model, unpatched), 'none', or a checkpoint file"
 
 
@@ -45,6 +48,11 @@ class TrainConfig:
     pretrained: bool = True  # timm hub weights (ignored with a checkpoint)
     checkpoint: str | None = None  # starting weights (tpsvit safetensors or a weights-only torch file)
     teacher: str = "auto"  # 'auto' (starting model, unpatched, frozen), 'none', or a checkpoint file
+    # task (segment: per-pixel labels of the cluttered testbed, see tpsvit.train.segment)
+    task: str = "classify"  # classify | segment
+    seg_head: str = "conv"  # segment: linear | conv (tpsvit.dense heads on the restored patch grid)
+    restore: str = "host"  # segment: how removed patches get a feature back (tpsvit.restore): host | frozen | zeros
+    freeze_backbone: bool = False  # segment: only the head trains (the backbone, patched or not, stays as loaded)
     # token reduction
     method: str = "dtps"  # none | etps | dtps | evit | dynamicvit | tome
     keep_rate: Any = 0.7  # per location, relative to the patch tokens alive there (one value or one per location)
@@ -256,13 +264,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 f"model_kwargs entry {key!r}: {value!r} is not a keyword and a value; write YAML with a space after "
                 "each colon, e.g. model_kwargs='{depth: 4, embed_dim: 32}'"
             )
-    for key in ("pretrained", "resume", "grad_checkpointing", "find_unused_parameters", "weight_decay_skip_1d"):
+    for key in ("pretrained", "resume", "grad_checkpointing", "find_unused_parameters", "weight_decay_skip_1d",
+                "freeze_backbone"):
         if not isinstance(getattr(cfg, key), bool):
             raise InvalidArgumentError(f"{key}={getattr(cfg, key)!r} must be true or false")
     if cfg.teacher is None or cfg.teacher is False:
         cfg.teacher = "none"
     if not isinstance(cfg.teacher, str):
         raise InvalidArgumentError(f"teacher={cfg.teacher!r} is not allowed; expected {TEACHERS_HELP}")
+    _choice(cfg, "task", TASKS)
+    _choice(cfg, "seg_head", SEG_HEADS)
+    from tpsvit.core.trace import RESTORE_MODES
+
+    _choice(cfg, "restore", RESTORE_MODES)
     _choice(cfg, "method", METHOD_NAMES)
     _choice(cfg, "augment", AUGMENTS)
     _choice(cfg, "amp", AMP_MODES)
@@ -341,7 +355,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise InvalidArgumentError("budget needs a token-reduction method; set method to etps, dtps, evit, ...")
     if cfg.schedule == "auto" and cfg.budget is None:
         raise InvalidArgumentError("schedule=auto picks the schedule for a GMACs budget; set budget (e.g. 0.5)")
+    if cfg.task == "segment":
+        _check_segment(cfg)
+    elif cfg.freeze_backbone:
+        raise InvalidArgumentError("freeze_backbone=true trains a segmentation head only; it needs task=segment")
     if cfg.schedule == "auto" and cfg.method in ("dtps", "dynamicvit"):
         raise InvalidArgumentError(f"schedule=auto ranks schedules by accuracy, which {cfg.method}'s untrained "
                                    "predictors cannot give; set locations yourself (schedule=fixed)")
     return cfg
+
+
+def _check_segment(cfg: TrainConfig) -> None:
+    """The settings ``task: segment`` supports (see :mod:`tpsvit.train.segment`)."""
+    from tpsvit.data.datasets import embedded_name
+
+    data = embedded_name(cfg.data)
+    if data not in SEGMENT_DATA:
+        raise InvalidArgumentError(f"task=segment needs pixel labels, which only the cluttered testbeds have: data "
+                                   f"{cfg.data!r} is not allowed; expected one of {', '.join(SEGMENT_DATA)}")
+    cfg.data = data
+    for key in ("distill_weight", "token_distill_weight"):
+        if getattr(cfg, key):
+            raise InvalidArgumentError(f"{key}={getattr(cfg, key)!r}: task=segment has no distillation losses (the "
+                                       "loss is per-pixel cross-entropy); set distill_weight=0 token_distill_weight=0")
+    if cfg.mixup or cfg.cutmix:
+        raise InvalidArgumentError("task=segment does not mix images (their pixel labels would not follow); set "
+                                   "mixup=0 cutmix=0")
+    if cfg.augment != "none":
+        raise InvalidArgumentError(f"augment={cfg.augment!r}: task=segment trains on the training split's fixed "
+                                   "composition and its pixel labels, unaugmented; set augment=none")
+    if cfg.schedule == "auto":
+        raise InvalidArgumentError("schedule=auto ranks schedules by classification top-1; with task=segment set "
+                                   "locations and keep_rate (or budget) yourself (schedule=fixed)")

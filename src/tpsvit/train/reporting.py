@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tpsvit.dense import save_segmenter
 from tpsvit.families import logits_of
 from tpsvit.io.loading import save_checkpoint
 from tpsvit.measure.bench import input_size
@@ -16,6 +17,7 @@ from tpsvit.train import distributed
 from tpsvit.train.checkpoint import STATE_FILE, rng_state, save_state
 from tpsvit.train.losses import accuracy
 from tpsvit.train.precision import _amp_name, _machine
+from tpsvit.train.segment import evaluate_segmenter
 
 
 class ReportingMixin:
@@ -42,8 +44,12 @@ class ReportingMixin:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Top-1 / top-5 / loss on the evaluation split (sharded over ranks), and GMACs per image."""
+        """Top-1 / top-5 / loss on the evaluation split (sharded over ranks), and GMACs per image; task segment:
+        mIoU / pixel accuracy / per-pixel loss (:func:`tpsvit.train.segment.evaluate_segmenter`)."""
         model, info = self.model, self.info
+        if self.segmenter is not None:
+            return evaluate_segmenter(self.segmenter, self.data.eval.batches(), info, self._autocast,
+                                      int(self.cfg.img_size or input_size(model)[1]))
         model.eval()
         counts = [0.0, 0.0, 0.0, 0.0]  # top1, top5, loss sum, images
         for x, y in self.data.eval.batches():
@@ -74,6 +80,7 @@ class ReportingMixin:
             "format": 1,
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
+            **({"head": self.segmenter.head.state_dict()} if self.segmenter is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -95,22 +102,27 @@ class ReportingMixin:
             save_state(self.out, self._state(epoch, step))
         distributed.barrier(self.info)
 
-    def _export(self, name: str, top1: float | None, epoch: int) -> Path | None:
+    def _export(self, name: str, score: float | None, epoch: int) -> Path | None:
         if not self.info.is_main:
             return None
-        return save_checkpoint(
-            self.model, self.out / name, self.models.name, self.models.kwargs,
+        provenance = dict(
             command=self.command, seed=self.cfg.seed, epochs=epoch, total_epochs=self.cfg.epochs,
-            global_step=self.global_step, test_top1=top1, wall_time_s=round(self.wall_time, 1),
-            machine=_machine(self.info.device), world_size=self.info.world_size, recipe=self.cfg.recipe,
-            data=self.cfg.data, trained_by="tpsvit train",
+            global_step=self.global_step, wall_time_s=round(self.wall_time, 1), machine=_machine(self.info.device),
+            world_size=self.info.world_size, recipe=self.cfg.recipe, data=self.cfg.data, trained_by="tpsvit train",
         )
+        if self.segmenter is not None:
+            return save_segmenter(self.segmenter, self.out / name, self.models.name, self.models.kwargs,
+                                  test_miou=score, **provenance)
+        return save_checkpoint(self.model, self.out / name, self.models.name, self.models.kwargs, test_top1=score,
+                               **provenance)
 
     def summary(self) -> dict:
-        """Headline numbers of the run so far."""
+        """Headline numbers of the run so far (task segment: best_miou / final_miou for best_top1 / final_top1)."""
+        name = "miou" if self.segmenter is not None else "top1"
+        best = self.best_top1 if self.best_top1 >= 0 else None
         return {"out": str(self.out), "epochs": self.cfg.epochs, "global_step": self.global_step,
-                "steps_per_epoch": self.steps_per_epoch, "best_top1": self.best_top1 if self.best_top1 >= 0 else None,
-                "final_top1": self.history[-1].get("test_top1") if self.history else None,
+                "steps_per_epoch": self.steps_per_epoch, f"best_{name}": best,
+                f"final_{name}": self.history[-1].get(self.metric) if self.history else None,
                 "wall_time_s": self.wall_time, "world_size": self.info.world_size, "command": self.command}
 
     def _epoch_line(self, row: dict) -> str:
@@ -120,7 +132,10 @@ class ReportingMixin:
             if row.get(key):
                 parts.append(f" {label} {row[key]:.4f}")
         parts.append(")")
-        if row.get("test_top1") is not None:
+        if row.get("test_miou") is not None:
+            parts.append(f", test mIoU {row['test_miou']:.2f}% pixel accuracy {row['test_pixel_acc']:.2f}%, "
+                         f"{row['gmacs']:.4g} GMACs")
+        elif row.get("test_top1") is not None:
             parts.append(f", test top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}%, "
                          f"{row['gmacs']:.4g} GMACs")
         ips = row.get("train_images_per_s")

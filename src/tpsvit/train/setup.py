@@ -21,6 +21,7 @@ from tpsvit.train.losses import classification_loss
 from tpsvit.train.modeling import enable_grad_checkpointing, param_groups, print_notes, squeeze_options
 from tpsvit.train.recipe import RESUME_FREE_KEYS, TrainConfig, valid_keys, validate
 from tpsvit.train.schedule import lr_factor
+from tpsvit.train.segment import SegmentNet, head_groups, pixel_loss
 from tpsvit.train.warm_start import warm_start_predictors
 
 WARM_START_EPOCH = 1_000_003  # the warm start's data order: unlike any training epoch's
@@ -121,7 +122,11 @@ class SetupMixin:
             self.teacher.to(info.device)
         self.checkpointed_blocks = enable_grad_checkpointing(model) if cfg.grad_checkpointing else 0
         self.target_rates = model.tps.keep_rate if tpsvit.is_patched(model) else None
-        self.net = _WithFeatures(model, self.family)
+        if self.segmenter is not None:
+            self.segmenter.to(info.device)
+            self.net = SegmentNet(self.segmenter)
+        else:
+            self.net = _WithFeatures(model, self.family)
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             # a 1-channel patch embedding's weight has a size-1 dim whose stride autograd lays out differently from
@@ -130,10 +135,10 @@ class SetupMixin:
             self.net = DistributedDataParallel(self.net, device_ids=ids,
                                                find_unused_parameters=cfg.find_unused_parameters)
         fused = {"fused": True} if info.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay, cfg.weight_decay_skip_1d),
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps, **fused,
-        )
+        groups = param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay, cfg.weight_decay_skip_1d)
+        if self.segmenter is not None:
+            groups += head_groups(self.segmenter.head, cfg.lr, cfg.weight_decay, cfg.weight_decay_skip_1d)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps, **fused)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.warmup_steps = warmup
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -151,11 +156,14 @@ class SetupMixin:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                                switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
                                num_classes=self.family.num_classes(model))
-        self.criterion = classification_loss(self.mixup_active, cfg.smoothing)
+        self.criterion = pixel_loss(cfg.smoothing) if self.segmenter is not None else \
+            classification_loss(self.mixup_active, cfg.smoothing)
 
     def _restore(self, state: dict) -> None:
         try:
             self.model.load_state_dict(state["model"])
+            if self.segmenter is not None:
+                self.segmenter.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
