@@ -117,11 +117,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="save the table here")
     p.add_argument("--plot", help="mIoU-vs-GMACs plot (PNG) of the table")
     p.add_argument("--from-json", help="only print and plot a saved run")
+    p.add_argument("--markdown", metavar="HEAD", help="with --from-json: print HEAD's (conv / linear) rows as a "
+                                                      "markdown table, budgets as columns")
     args = p.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
         print(_format(saved["table"], saved["unpatched_backbone_gmacs"], saved.get("test_images", 10000)))
+        if args.markdown:
+            print(markdown_table(saved["table"], args.markdown))
         if args.plot:
             plot(saved["table"], args.plot)
         return 0
@@ -188,27 +192,29 @@ def main(argv=None) -> int:
     return 0
 
 
-def plot(table: list[dict], path: str) -> None:
-    """mIoU vs GMACs per head: one line per method x restore mode, the unpatched model as a star."""
+def plot(table: list[dict], path: str, head: str = "conv", title: str = "frozen backbone") -> None:
+    """mIoU vs GMACs of ``head``'s rows, one panel per restore mode: one colour per method (its auto-schedule rows
+    dashed in the same colour), the unpatched model as a star."""
     from matplotlib.figure import Figure
 
-    heads = sorted({r["head"] for r in table})
-    fig = Figure(figsize=(6 * len(heads), 4.5))
-    styles = {"host": "-", "frozen": "--", "zeros": ":"}
-    for k, head in enumerate(heads):
-        ax = fig.add_subplot(1, len(heads), k + 1)
-        rows = [r for r in table if r["head"] == head]
+    rows = [r for r in table if r["head"] == head]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    methods = [m for m in METHODS if any(r["method"].removesuffix(" auto") == m for r in rows)]
+    fig = Figure(figsize=(5 * len(modes), 4.5))
+    axes = [fig.add_subplot(1, len(modes), k + 1) for k in range(len(modes))]
+    for ax, mode in zip(axes, modes, strict=True):
         for r in rows:
             if r["method"] == "unpatched":
                 ax.plot(r["gmacs"], r["miou_mean"], "k*", markersize=12, label="unpatched")
-        for method in sorted({r["method"] for r in rows} - {"unpatched"}):
-            for mode, style in styles.items():
-                line = sorted((r["gmacs"], r["miou_mean"]) for r in rows if r["method"] == method and r["mode"] == mode)
+        for colour, method in enumerate(methods):
+            for name, style in ((method, "-"), (f"{method} auto", "--")):
+                line = sorted((r["gmacs"], r["miou_mean"]) for r in rows if r["method"] == name and r["mode"] == mode)
                 if line:
-                    ax.plot(*zip(*line), style, marker="o", label=f"{method} / {mode}")
-        ax.set(xlabel="GMACs per image (backbone + head)", ylabel="mIoU %", title=f"{head} head, frozen backbone")
+                    ax.plot(*zip(*line), style, marker="o", color=f"C{colour}", label=name)
+        ax.set(xlabel="GMACs per image (backbone + head)", ylabel="mIoU %", title=f"restore={mode!r}, {head} head, "
+                                                                                  f"{title}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -225,6 +231,29 @@ def _summarise(rows: list[dict]) -> list[dict]:
                     "miou_mean": sum(values) / len(values), "miou_seeds": values,
                     "pixel_acc_mean": sum(r["pixel_acc"] for r in rs) / len(rs), "amount": rs[0]["amount"]})
     return out
+
+
+def markdown_table(table: list[dict], head: str = "conv") -> str:
+    """``head``'s rows as markdown: one row per method x restore mode (methods in :data:`METHODS` order, then their
+    auto-schedule rows; a "zeros" row equal to the "host" row, as for methods that drop, is folded into it), one column
+    per budget, each cell the mean mIoU (seed values)."""
+    rows = [r for r in table if r["head"] == head and r["method"] != "unpatched"]
+    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    cells = {(r["method"], r["mode"], b): r for r in rows for b in [r["budget"]]}
+    rank = {m: i for i, m in enumerate([*METHODS, *(f"{m} auto" for m in METHODS)])}
+    lines = ["| method | restore | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
+             "|---|---|" + "---:|" * len(budgets)]
+    for method in sorted({r["method"] for r in rows}, key=lambda m: rank.get(m, len(rank))):
+        def values(mode, method=method):
+            return [cells.get((method, mode, b), {}).get("miou_seeds") for b in budgets]
+        for mode in MODES:
+            if mode == "zeros" and values("zeros") == values("host"):
+                continue
+            label = "host (= zeros)" if mode == "host" and values("zeros") == values("host") else mode
+            cells_text = ["" if v is None else f"{sum(v) / len(v):.2f} ({' / '.join(f'{x:.2f}' for x in v)})"
+                          for v in values(mode)]
+            lines.append(f"| {method} | {label} | " + " | ".join(cells_text) + " |")
+    return "\n".join(lines)
 
 
 def _format(table: list[dict], full: float, images: int) -> str:

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     print(format_table(saved["table"], len(test_x)))
     print(f"{time.time() - began:.0f} s, {args.threads} thread(s)")
     if args.plot:
-        plot(saved["table"], args.plot)
+        plot(saved["table"], args.plot, title="fine-tuned")
     return 0
 
 
