@@ -247,7 +247,7 @@ def markdown_table(table: list[dict], head: str = "conv") -> str:
         def values(mode, method=method):
             return [cells.get((method, mode, b), {}).get("miou_seeds") for b in budgets]
         for mode in MODES:
-            if mode == "zeros" and values("zeros") == values("host"):
+            if all(v is None for v in values(mode)) or (mode == "zeros" and values("zeros") == values("host")):
                 continue
             label = "host (= zeros)" if mode == "host" and values("zeros") == values("host") else mode
             cells_text = ["" if v is None else f"{sum(v) / len(v):.2f} ({' / '.join(f'{x:.2f}' for x in v)})"

@@ -40,7 +40,7 @@ from tpsvit.io.assets import load_demo_model
 from tpsvit.io.atomic import atomic_write
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dense import _features, patch_for_budget, plot, train_head  # noqa: E402
+from dense import _features, markdown_table, patch_for_budget, plot, train_head  # noqa: E402
 
 METHODS = ("etps", "dtps", "evit", "dynamicvit", "drop", "tome", "etps-random")
 MODES = ("host", "frozen")
@@ -89,7 +89,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="save (after every configuration) and resume from here")
     p.add_argument("--plot", help="mIoU-vs-GMACs plot (PNG)")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown (budgets as columns)")
+    p.add_argument("--from-json", help="no runs: print (and plot) a saved run")
     args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        return _report(saved, args)
     torch.set_num_threads(args.threads)
     began = time.time()
     saved = {"rows": []}
@@ -125,9 +131,16 @@ def main(argv=None) -> int:
         if args.json:
             text = json.dumps(saved, indent=1)
             atomic_write(args.json, lambda tmp, text=text: Path(tmp).write_text(text))
-    saved["table"] = summarise(saved["rows"])
-    print(format_table(saved["table"], len(test_x)))
     print(f"{time.time() - began:.0f} s, {args.threads} thread(s)")
+    return _report(saved, args)
+
+
+def _report(saved: dict, args) -> int:
+    """Print the table of a saved run (markdown too with --markdown) and plot it with --plot."""
+    saved["table"] = summarise(saved["rows"])
+    print(format_table(saved["table"], saved.get("test_images", 10000)))
+    if args.markdown:
+        print(markdown_table(saved["table"]))
     if args.plot:
         plot(saved["table"], args.plot, title="fine-tuned")
     return 0
