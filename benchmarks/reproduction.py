@@ -313,6 +313,12 @@ def plot(rows: list[dict], path: str, data: str) -> None:
     plot_accuracy_vs_gmacs(points, path, title=f"mini-DeiT on {data}, fine-tuned (one shared short recipe)")
 
 
+def _data_of(report: dict) -> str:
+    """The testbed of a saved report (a merged report keeps its sources' args as a list)."""
+    given = report.get("args") or {}
+    return (given[0] if isinstance(given, list) else given)["data"]
+
+
 def merge(args) -> int:
     """Print (and plot) the runs of several saved reports (e.g. one per seed) as one table."""
     reports = [_load(p) for p in args.from_json]
@@ -326,7 +332,7 @@ def merge(args) -> int:
         _save(args.json, {"sources": args.from_json, "runs": runs, "rows": rows,
                           "args": [rep.get("args") for rep in reports]})
     if args.plot:
-        plot(rows, args.plot, reports[0]["args"]["data"])
+        plot(rows, args.plot, _data_of(reports[0]))
     return 0
 
 
