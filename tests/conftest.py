@@ -23,6 +23,25 @@ settings.register_profile("dev", max_examples=600, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def ctrl_c_at_step(monkeypatch, global_step: int):
+    """Make training send itself SIGINT (Ctrl-C) right after optimizer step ``global_step``; returns the original
+    ``Run._step`` (put it back with ``monkeypatch.setattr(engine.Run, "_step", original)`` before resuming)."""
+    import signal
+
+    from tpsvit.train import engine
+
+    original = engine.Run._step
+
+    def step_then_ctrl_c(self, batches, epoch, step):
+        result = original(self, batches, epoch, step)
+        if self.global_step == global_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(engine.Run, "_step", step_then_ctrl_c)
+    return original
+
+
 def tiny_vit(**overrides):
     """A 6-block, 48-wide ViT on 32x32 inputs with 4x4 patches: 64 patch tokens (+ prefix)."""
     kwargs = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=7)

@@ -4,12 +4,11 @@ rebuilds, exact resume, gradient checkpointing, two DDP ranks, and the refusals.
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ctrl_c_at_step
 from fmnist_files import write_fashion_mnist
 from safetensors.torch import load_file
 
@@ -81,15 +80,7 @@ def test_ctrl_c_then_resume_is_exact(data, folders, tmp_path, monkeypatch):
                 "--epochs", "2", "--threads", "1", "--set", "steps_per_epoch=3", "--set", "val_limit=64", "--set",
                 "predictor_init_steps=3", "--set", "warmup_epochs=0"]
 
-    original = engine.Run._step
-
-    def step_then_ctrl_c(self, batches, epoch, step):
-        result = original(self, batches, epoch, step)
-        if self.global_step == 4:  # epoch 2, step 1 of 3
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(engine.Run, "_step", step_then_ctrl_c)
+    original = ctrl_c_at_step(monkeypatch, 4)  # epoch 2, step 1 of 3
     assert cli_main(args(tmp_path / "split")) == 130
     monkeypatch.setattr(engine.Run, "_step", original)
     assert cli_main([*args(tmp_path / "split"), "--resume"]) == 0

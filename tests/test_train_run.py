@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import ctrl_c_at_step
 from fmnist_files import write_fashion_mnist
 from safetensors.torch import load_file
 
@@ -131,15 +132,7 @@ def test_sigint_mid_epoch_saves_the_step_and_resume_is_exact(data, tmp_path, mon
     from tpsvit.train import engine
 
     out = tmp_path / "interrupted"
-    original = engine.Run._step
-
-    def step_then_ctrl_c(self, batches, epoch, step):
-        result = original(self, batches, epoch, step)
-        if self.global_step == 37:  # epoch 2, step 7 of 30: between two --save-every-steps 2 saves
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(engine.Run, "_step", step_then_ctrl_c)
+    original = ctrl_c_at_step(monkeypatch, 37)  # epoch 2, step 7 of 30: between two --save-every-steps 2 saves
     assert cli_main(_run_args(data, out)) == 130
     err = capsys.readouterr().err
     assert "SIGINT: saving last.pt after this step" in err

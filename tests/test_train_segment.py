@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import ctrl_c_at_step
 from fmnist_files import write_fashion_mnist
 from safetensors.torch import load_file
 
@@ -95,16 +95,8 @@ def _cli_args(out: Path) -> list[str]:
 def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     from tpsvit.train import engine
 
-    original = engine.Run._step
-
-    def step_then_ctrl_c(self, batches, epoch, step):
-        result = original(self, batches, epoch, step)
-        if self.global_step == 6:  # epoch 2, step 2 of 4
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(engine.Run, "_step", step_then_ctrl_c)
+    original = ctrl_c_at_step(monkeypatch, 6)  # epoch 2, step 2 of 4
     assert cli_main(_cli_args(out)) == 130
     assert "stopped at epoch 2 step 2/4 (global step 6)" in capsys.readouterr().err
     assert not (out / "final.safetensors").exists()
