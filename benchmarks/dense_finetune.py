@@ -40,7 +40,7 @@ from tpsvit.io.assets import load_demo_model
 from tpsvit.io.atomic import atomic_write
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dense import _features, markdown_table, patch_for_budget, plot, train_head  # noqa: E402
+from dense import _features, _summarise, markdown_table, patch_for_budget, plot, train_head  # noqa: E402
 
 METHODS = ("etps", "dtps", "evit", "dynamicvit", "drop", "tome", "etps-random")
 MODES = ("host", "frozen")
@@ -147,15 +147,8 @@ def _report(saved: dict, args) -> int:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and per-seed mIoU per method x budget x mode (rows shaped like dense.py's table, head 'conv')."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["budget"], r["mode"] or "-"), []).append(r)
-    return [{"head": "conv", "method": method, "budget": budget, "mode": mode, "gmacs": rs[0]["gmacs"],
-             "miou_mean": sum(r["miou"] for r in rs) / len(rs),
-             "miou_seeds": [r["miou"] for r in sorted(rs, key=lambda r: r["seed"])],
-             "pixel_acc_mean": sum(r["pixel_acc"] for r in rs) / len(rs), "amount": rs[0]["amount"]}
-            for (method, budget, mode), rs in groups.items()]
+    """Mean and per-seed mIoU per method x budget x mode: dense.py's table rows (head 'conv', mode '-' unpatched)."""
+    return _summarise([{**r, "head": "conv", "mode": r["mode"] or "-"} for r in rows])
 
 
 def format_table(table: list[dict], images: int) -> str:

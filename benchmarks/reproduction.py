@@ -38,9 +38,11 @@ import torch
 import tpsvit
 from tpsvit.core.methods import METHODS, get_method
 from tpsvit.data.datasets import embedded_dataset
+from tpsvit.errors import InvalidArgumentError
 from tpsvit.io.assets import demo_checkpoint
 from tpsvit.io.loading import load_model
 from tpsvit.measure.budget import Variant, plan_variants, solve_keep_rate
+from tpsvit.measure.calibrate import parse_option
 from tpsvit.measure.evaluation import evaluate_many, format_table, plot_accuracy_vs_gmacs
 from tpsvit.train import train
 from tpsvit.train.recipe import parse_set, resolve
@@ -48,7 +50,6 @@ from tpsvit.train.recipe import parse_set, resolve
 RECIPES = {"fashion-mnist-cluttered": "cluttered-finetune", "fashion-mnist-textures": "textures-finetune",
            "fashion-mnist": "fmnist-finetune"}
 SCORER_ORDER = ("default", "auto", "random")  # row order within a budget: fixed schedule, best schedule, random
-OPTION_KEYS = ("squeeze_floor", "squeeze_floor_action", "squeeze_weighting", "temperature")
 CALIBRATION = slice(50_000, 60_000)  # training images never used by the fine-tunes (--train-limit <= 50,000)
 COLUMNS = [("method", "method", ""), ("budget", "budget", ""), ("amount", "keep / r", ""), ("blocks", "blocks", ""),
            ("gmacs", "GMACs", ".4g"),
@@ -106,7 +107,8 @@ def run_key(variant: Variant, scorer: str, seed: int) -> str:
 
 
 def parse_options(items: list[str]) -> dict[str, dict]:
-    """``LABEL:KEY=VALUE,...`` items -> {label: {key: value}} (numbers as floats, ``none`` as None)."""
+    """``LABEL:KEY=VALUE,...`` items -> {label: {key: value}}, each value typed and checked as ``tpsvit calibrate``'s
+    ``--option`` values are (:func:`tpsvit.measure.calibrate.parse_option`)."""
     out = {}
     for item in items:
         label, _, rest = item.partition(":")
@@ -114,13 +116,11 @@ def parse_options(items: list[str]) -> dict[str, dict]:
             raise SystemExit(f"--option {item!r}: expected LABEL:KEY=VALUE,... with a new label")
         options = {}
         for pair in rest.split(","):
-            key, _, value = pair.partition("=")
-            if key not in OPTION_KEYS:
-                raise SystemExit(f"--option {item!r}: unknown key {key!r}; allowed: {', '.join(OPTION_KEYS)}")
             try:
-                options[key] = None if value.lower() == "none" else float(value)
-            except ValueError:
-                options[key] = value
+                key, (value,) = parse_option(pair)
+            except InvalidArgumentError as err:
+                raise SystemExit(f"--option {item!r}: {err}") from None
+            options[key] = value
         out[label] = options
     return out
 

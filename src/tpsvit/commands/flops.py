@@ -89,12 +89,12 @@ def variants_from_args(args: argparse.Namespace, base) -> list[Variant]:
 def own_variant(config) -> Variant:
     """The :class:`Variant` that re-applies a recorded patch (``model.tps``) as it is."""
     from tpsvit.measure.budget import Variant
+    from tpsvit.measure.calibrate import PAPER
 
     def one_or_all(values):
         return values[0] if len(set(values)) == 1 else tuple(values)
 
-    defaults = {"squeeze_floor": None, "squeeze_floor_action": "drop", "squeeze_weighting": "similarity",
-                "temperature": 1.0, "fuse": "sum"}
+    defaults = {**PAPER, "fuse": "sum"}  # the paper's squeeze and the release's EViT fuse
     options = tuple((k, getattr(config, k)) for k, v in defaults.items() if getattr(config, k) != v)
     if config.r is not None:
         every_block = config.locations == tuple(range(config.depth))

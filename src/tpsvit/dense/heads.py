@@ -8,8 +8,6 @@ from torch import nn
 
 from tpsvit.errors import InvalidArgumentError
 
-HEADS = ("linear", "conv")
-
 
 def tokens_to_grid(tokens: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
     """Patch tokens (B, h*w, C) in row-major grid order -> a feature map (B, C, h, w)."""
@@ -50,18 +48,20 @@ class ConvHead(nn.Module):
         return h * w * (conv1.in_channels * conv1.out_channels * 9 + conv2.in_channels * conv2.out_channels)
 
 
+HEAD_CLASSES = {"linear": LinearHead, "conv": ConvHead}
+HEADS = tuple(HEAD_CLASSES)
+
+
 def make_head(kind: str, dim: int, classes: int) -> nn.Module:
     """A new head by name: ``"linear"`` (:class:`LinearHead`) or ``"conv"`` (:class:`ConvHead`)."""
-    if kind == "linear":
-        return LinearHead(dim, classes)
-    if kind == "conv":
-        return ConvHead(dim, classes)
-    raise InvalidArgumentError(f"seg_head={kind!r} is not allowed; expected one of {', '.join(HEADS)}")
+    if kind not in HEAD_CLASSES:
+        raise InvalidArgumentError(f"seg_head={kind!r} is not allowed; expected one of {', '.join(HEADS)}")
+    return HEAD_CLASSES[kind](dim, classes)
 
 
 def head_kind(head: nn.Module) -> str:
     """The name :func:`make_head` builds ``head`` from."""
-    for kind, cls in (("linear", LinearHead), ("conv", ConvHead)):
+    for kind, cls in HEAD_CLASSES.items():
         if isinstance(head, cls):
             return kind
     raise InvalidArgumentError(f"{type(head).__name__} is not a tpsvit dense head; allowed: {', '.join(HEADS)}")

@@ -13,7 +13,7 @@ import tpsvit
 from tpsvit.core.trace import RESTORE_MODES
 from tpsvit.dense.heads import tokens_to_grid
 from tpsvit.errors import InvalidArgumentError
-from tpsvit.families import family_of
+from tpsvit.families import PREDICTORS, family_of
 
 
 class Segmenter(nn.Module):
@@ -53,7 +53,7 @@ class Segmenter(nn.Module):
         for unused in [*heads, pool, getattr(backbone, "fc_norm", None)]:
             if isinstance(unused, nn.Module):  # the classifier never runs here: frozen, so that DDP sees no idle weight
                 unused.requires_grad_(False)
-        predictors = getattr(backbone, "tps_predictors", None)
+        predictors = getattr(backbone, PREDICTORS, None)
         if predictors is not None:
             predictors.requires_grad_(False)
         self.train(self.training)

@@ -79,14 +79,12 @@ class Family:
         """Raise :class:`InvalidArgumentError` naming the size when the model cannot take ``images`` (B, C, H, W)
         (timm's rules: its own size when ``strict_img_size``, else whole patches unless it pads); ``interpolate``:
         the call asked for interpolated position embeddings (Hugging Face)."""
-        if not isinstance(images, Tensor) or images.dim() != 4:
+        own = self._check_channels(model, images)
+        if own is None:
             return
-        chans, height, width = images.shape[1:]
-        own = self.input_size(model)
-        if own is not None and chans != own[0]:
-            raise InvalidArgumentError(f"images with {chans} channels; {model_name(model)} takes {own[0]}")
+        height, width = images.shape[2:]
         embed = getattr(model, "patch_embed", None)
-        if own is None or embed is None or getattr(embed, "img_size", None) is None:
+        if embed is None or getattr(embed, "img_size", None) is None:
             return
         if getattr(embed, "strict_img_size", False) and (height, width) != own[1:]:
             raise InvalidArgumentError(f"images of {height}x{width} pixels; {model_name(model)} takes "
@@ -95,6 +93,16 @@ class Family:
         if not getattr(embed, "dynamic_img_pad", False) and (height % patch[0] or width % patch[1]):
             raise InvalidArgumentError(f"images of {height}x{width} pixels; {model_name(model)} takes sides "
                                        f"that are multiples of its {patch[0]}x{patch[1]} patches")
+
+    def _check_channels(self, model: nn.Module, images) -> tuple[int, int, int] | None:
+        """The model's own (channels, height, width) after checking ``images``' channels against it; None when
+        ``images`` is not a (B, C, H, W) tensor or the model cannot tell its input size."""
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            return None
+        own = self.input_size(model)
+        if own is not None and images.shape[1] != own[0]:
+            raise InvalidArgumentError(f"images with {images.shape[1]} channels; {model_name(model)} takes {own[0]}")
+        return own
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
         """(channels, height, width) of the images the model was built for; None when it cannot tell."""

@@ -327,11 +327,9 @@ class HFFamily(Family):
     any_image_size = False  # DINOv2 interpolates its position embeddings for every input size
 
     def check_images(self, model, images, interpolate: bool = False) -> None:
-        if not isinstance(images, Tensor) or images.dim() != 4:
+        own = self._check_channels(model, images)
+        if own is None:
             return
-        own = self.input_size(model)
-        if images.shape[1] != own[0]:
-            raise InvalidArgumentError(f"images with {images.shape[1]} channels; {model_name(model)} takes {own[0]}")
         if not (interpolate or self.any_image_size) and tuple(images.shape[2:]) != own[1:]:
             raise InvalidArgumentError(f"images of {images.shape[2]}x{images.shape[3]} pixels; "
                                        f"{model_name(model)} takes {own[1]}x{own[2]} (or pass "
