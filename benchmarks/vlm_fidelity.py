@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import tpsvit.vlm as vlm
+
 KEEP_TOKENS = (37, 25, 12, 5)
 KEEP_RATES = (0.75, 0.5, 0.25, 0.11)
 SEEDS = (0, 1)
@@ -40,27 +42,16 @@ COMPACT, COMPACT_TOKENS = ("tps", "visionzip"), (12, 5)  # also run with the sho
 QUESTION = "What is shown in this image?"
 
 
-def vlm_api():
-    """(patch, unpatch, METHODS) of tpsvit.vlm; exits with one line where this tpsvit has none."""
-    try:
-        from tpsvit.vlm import METHODS, patch, unpatch
-    except ImportError:
-        sys.exit("vlm_fidelity.py needs tpsvit.vlm (patch / unpatch), which this tpsvit does not have")
-    return patch, unpatch, tuple(METHODS)
-
-
 def first_token_logprobs(model, batches) -> tuple[torch.Tensor, list[int]]:
     """log-softmax of the next-token logits after each prompt (N, vocab), and the visual tokens the LM saw per
     prompt (``tpsvit.vlm.kept_counts`` when patched, else the prompt's placeholder count)."""
-    from tpsvit.vlm import is_patched, kept_counts
-
     out, counts = [], []
     with torch.inference_mode():
         for batch in batches:
             logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
             out.append(F.log_softmax(logits, dim=-1))
-            if is_patched(model):
-                counts.extend(kept_counts(model))
+            if vlm.is_patched(model):
+                counts.extend(vlm.kept_counts(model))
             else:
                 counts.extend(int(r.sum()) for r in batch["input_ids"] == _image_id(model))
     return torch.cat(out), counts
@@ -113,12 +104,11 @@ def toy_gmacs(model, batch) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def run_toy(args, api, log=print) -> dict:
+def run_toy(args, log=print) -> dict:
     """Every (seed, method, N) of the toy form; results are saved after each one and reused on a rerun."""
     from tpsvit.vlm import toy
 
-    patch, unpatch, methods = api
-    methods = tuple(args.methods or methods)
+    methods = tuple(args.methods or vlm.METHODS)
     tok = toy.ToyTokenizer()
     canvases, labels = toy.test_split()
     batches, answers, kinds = toy_batches(canvases, labels, tok, args.batch, args.limit)
@@ -139,13 +129,10 @@ def run_toy(args, api, log=print) -> dict:
             if (seed, label, n) in have:
                 continue
             start = time.perf_counter()
-            patch(model, method, tokens=grid_budget(n) if method == "pool" else n, positions=positions)
-            try:
+            with vlm.reduced(model, method, tokens=grid_budget(n) if method == "pool" else n, positions=positions):
                 gmacs = toy_gmacs(model, batches[0])
                 torch.manual_seed(seed)  # the selection seed of random
                 logp, counts = first_token_logprobs(model, batches)
-            finally:
-                unpatch(model)
             runs.append({"seed": seed, "method": label, "tokens": n, "positions": positions,
                          "mean_tokens": statistics.mean(counts), "gmacs": gmacs, **toy_scores(logp, answers, kinds),
                          **compare(full, logp)})
@@ -247,22 +234,18 @@ def hf_batches(processor, folder, question: str, limit: int | None) -> list[dict
     return batches
 
 
-def run_hf(args, api, log=print) -> dict:
+def run_hf(args, log=print) -> dict:
     """Agreement and KL against the full model at each keep rate, per method, on the images of ``--images``."""
-    patch, unpatch, methods = api
-    methods = tuple(args.methods or methods)
+    methods = tuple(args.methods or vlm.METHODS)
     model, processor = load_hf(args.model)
     batches = hf_batches(processor, args.images, args.question, args.limit)
     full, counts = first_token_logprobs(model, batches)
     rows = [{"method": "full", "keep_rate": 1.0, "mean_tokens": statistics.mean(counts), **compare(full, full)}]
     for method in methods:
         for rate in args.keep_rates:
-            patch(model, method, keep_rate=rate)
-            try:
+            with vlm.reduced(model, method, keep_rate=rate):
                 torch.manual_seed(0)
                 logp, counts = first_token_logprobs(model, batches)
-            finally:
-                unpatch(model)
             rows.append({"method": method, "keep_rate": rate, "mean_tokens": statistics.mean(counts),
                          **compare(full, logp)})
             log(f"{method:>9} keep {rate:<5} agree {rows[-1]['agreement']:.4f}  KL {rows[-1]['kl']:.4f}")
@@ -344,18 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     if (args.model is None) != (args.images is None):
         parser.error("--model and --images go together")
     torch.set_num_threads(args.threads)
-    api = vlm_api()
-    unknown = [m for m in [*(args.methods or ()), *args.compact] if m not in api[2]]
+    unknown = [m for m in [*(args.methods or ()), *args.compact] if m not in vlm.METHODS]
     if unknown:
-        parser.error(f"methods {unknown} are not in tpsvit.vlm; available: {', '.join(api[2])}")
+        parser.error(f"methods {unknown} are not in tpsvit.vlm; available: {', '.join(vlm.METHODS)}")
     start = time.perf_counter()
     if args.model:
-        result = run_hf(args, api)
+        result = run_hf(args)
         from tpsvit.measure.evaluation import format_table
 
         print(format_table([{**r, "agreement": 100 * r["agreement"]} for r in result["table"]], HF_COLUMNS))
     else:
-        result = run_toy(args, api)
+        result = run_toy(args)
         print_toy(result["table"])
         if args.plot:
             plot_toy(result["table"], args.plot)

@@ -34,11 +34,12 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
+import tpsvit.vlm as vlm
 from tpsvit.measure.bench import environment, format_environment
 from tpsvit.measure.evaluation import format_table, write_json
 
@@ -220,13 +221,9 @@ def counted_prefill_gmacs(model, inputs: dict) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def vlm_api():
-    """(patch, unpatch, methods) of tpsvit.vlm, or None where this tpsvit has no VLM patch."""
-    try:
-        from tpsvit.vlm import METHODS, patch, unpatch
-    except ImportError:
-        return None
-    return patch, unpatch, tuple(METHODS)
+def reduced(model, method: str, tokens: int):
+    """``model`` with ``method`` at ``tokens`` visual tokens inside the block ("unpatched": as it is)."""
+    return nullcontext(model) if method == "unpatched" else vlm.reduced(model, method, tokens=tokens)
 
 
 def configurations(methods, tokens) -> list[tuple[str, int]]:
@@ -234,18 +231,13 @@ def configurations(methods, tokens) -> list[tuple[str, int]]:
     return [("unpatched", tokens[0])] + [(m, n) for m in methods for n in tokens]
 
 
-def time_rounds(model, inputs, configs, rounds: int, new_tokens: int, api, log=print) -> dict:
+def time_rounds(model, inputs, configs, rounds: int, new_tokens: int, log=print) -> dict:
     """Per configuration, the list of per-round measurements; every round runs every configuration once."""
     results = {c: [] for c in configs}
     for r in range(rounds):
         for method, n in configs:
-            if method != "unpatched":
-                api[0](model, method, tokens=n)
-            try:
+            with reduced(model, method, n):
                 results[(method, n)].append(measure(model, inputs, new_tokens))
-            finally:
-                if method != "unpatched":
-                    api[1](model)
             row = results[(method, n)][-1]
             log(f"round {r + 1}/{rounds} {method:>9} N={n:<4} ttft {row['ttft_ms']:8.1f} ms  gen {row['gen_ms']:8.1f}"
                 f" ms  reduction {row['reduction_ms']:6.2f} ms  seq {row['seq_len']}")
@@ -323,12 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.new_tokens = 1, 4
     if tokens[0] != shape.visual_tokens:
         tokens = (shape.visual_tokens, *[n for n in tokens if n != shape.visual_tokens])
-    api = vlm_api()
-    available = api[2] if api else ()
-    methods = tuple(args.methods or available)
-    unknown = [m for m in methods if m not in available]
+    methods = tuple(args.methods or vlm.METHODS)
+    unknown = [m for m in methods if m not in vlm.METHODS]
     if unknown:
-        parser.error(f"methods {unknown} are not in tpsvit.vlm here; available: {', '.join(available) or 'none'}")
+        parser.error(f"methods {unknown} are not in tpsvit.vlm; available: {', '.join(vlm.METHODS)}")
     env = environment("cpu")
     import transformers
 
@@ -341,15 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     gmacs = {}
     for n in tokens:  # the LM's work depends on N only; counted once per N (the first method, or unpatched)
         method = methods[0] if methods and n != shape.visual_tokens else "unpatched"
-        if method != "unpatched":
-            api[0](model, method, tokens=n)
-        try:
+        with reduced(model, method, n):
             gmacs[n] = counted_prefill_gmacs(model, inputs)
-        finally:
-            if method != "unpatched":
-                api[1](model)
     measure(model, inputs, 2)  # warm-up, untimed
-    results = time_rounds(model, inputs, configs, args.rounds, args.new_tokens, api)
+    results = time_rounds(model, inputs, configs, args.rounds, args.new_tokens)
     rows = summarize(results, gmacs, shape.visual_tokens)
     for row in rows:
         row["kv_mib"] = row["kv_bytes"] / 2**20

@@ -120,6 +120,24 @@ def test_unpatch_restores_the_model(name):
         assert torch.equal(c.model(**inputs).logits, logits)
 
 
+def test_reduced_patches_inside_the_block_and_puts_back_what_was_there():
+    c = case("llava-clip")
+    cls = type(c.model)
+    with vlm.reduced(c.model, "drop", tokens=N) as model:
+        assert model is c.model and c.model.tps_vlm.method == "drop"
+        with torch.no_grad():
+            c.model(**c.inputs(rows=(0, 1)))
+        assert vlm.kept_counts(c.model) == [N, N]
+    assert type(c.model) is cls and not vlm.is_patched(c.model)
+    vlm.patch(c.model, "tome", keep_rate=0.5, positions="compact")
+    before = c.model.tps_vlm
+    with pytest.raises(RuntimeError, match="inside"):
+        with vlm.reduced(c.model, "pool", tokens=N):
+            assert c.model.tps_vlm.method == "pool"
+            raise RuntimeError("an error inside the block")
+    assert c.model.tps_vlm == before  # the earlier patch, not the block's, even after an error
+
+
 @pytest.mark.parametrize("name", ["llava-clip", "qwen"])
 def test_keep_rate_keeps_a_fraction_of_each_image(name):
     c = case(name)

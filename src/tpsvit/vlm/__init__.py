@@ -7,7 +7,8 @@ of one layer, captured by hooks). The prompt's image placeholder runs shrink to 
 """
 
 from tpsvit.vlm.methods import METHODS, REGISTRY
-from tpsvit.vlm.patch import is_patched, kept_counts, kept_indices, patch, unpatch
+from tpsvit.vlm.patch import is_patched, kept_counts, kept_indices, patch, reduced, unpatch
 from tpsvit.vlm.seams import supported
 
-__all__ = ["METHODS", "REGISTRY", "is_patched", "kept_counts", "kept_indices", "patch", "supported", "unpatch"]
+__all__ = ["METHODS", "REGISTRY", "is_patched", "kept_counts", "kept_indices", "patch", "reduced", "supported",
+           "unpatch"]

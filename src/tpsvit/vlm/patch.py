@@ -4,6 +4,8 @@ reduce the visual tokens and shrink the prompt to match, then call the model's o
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -134,6 +136,26 @@ def unpatch(model: nn.Module) -> nn.Module:
     state.seam.detach(model, state)
     model.__class__ = type(model)._tps_vlm_base
     return model
+
+
+@contextmanager
+def reduced(model: nn.Module, method: str = "tps", **kwargs) -> Iterator[nn.Module]:
+    """``model`` patched as :func:`patch` (``method``, ``tokens=``, ``keep_rate=``, ...) inside the block; afterwards,
+    error or not, as it was before: unpatched, or patched as it was.
+
+    >>> with tpsvit.vlm.reduced(model, "tps", tokens=64):
+    ...     ids = model.generate(**inputs)
+    """
+    before = model._tps_vlm.config if is_patched(model) else None
+    patch(model, method, **kwargs)
+    try:
+        yield model
+    finally:
+        if before is None:
+            unpatch(model)
+        else:
+            patch(model, before.method, tokens=before.tokens, keep_rate=before.keep_rate, layer=before.layer,
+                  positions=before.positions)
 
 
 def kept_counts(model: nn.Module) -> list[int]:
